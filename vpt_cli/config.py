@@ -1,0 +1,190 @@
+"""Run settings as dataclasses, loadable from YAML and overridable from the command line.
+
+A run is described by four sections (backbone, prompt, data, train). The resolved config (YAML
+file, then CLI flags on top, then defaults filled in) is saved next to every run and inside the
+task file, so a result can always be traced back to exactly what produced it. No torch here:
+`vpt --help` imports this module and must stay fast.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vpt_cli.errors import UsageError
+
+DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
+OPTIMIZERS = ("adamw", "sgd")
+AUGMENTS = ("none", "flip", "crop")
+HEAD_INITS = ("probe", "zeros")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen ViT to prompt and where its weights come from."""
+
+    name: str = DEFAULT_BACKBONE
+    weights: str | None = None  # local safetensors/npz/pth file; None = timm's hub download
+    img_size: int | None = None  # None = the backbone's own pretrained size
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm constructor arguments
+
+
+@dataclass
+class PromptConfig:
+    """What is trained: VPT-deep/shallow prompts, or a baseline (linear probe, full fine-tune)."""
+
+    method: str = "vpt-deep"
+    num_prompts: int = 10
+    dropout: float | None = None  # None = the paper's choice: 0.1 for vpt-deep, 0.0 otherwise
+    proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
+
+    @property
+    def deep(self) -> bool:
+        return self.method == "vpt-deep"
+
+    @property
+    def length(self) -> int:
+        """Prompt tokens actually inserted (baselines insert none)."""
+        return self.num_prompts if self.method in ("vpt-deep", "vpt-shallow") else 0
+
+    @property
+    def resolved_dropout(self) -> float:
+        if self.dropout is not None:
+            return self.dropout
+        return 0.1 if self.deep else 0.0
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are split and augmented."""
+
+    path: str = ""
+    val_split: float = 0.1  # held-out fraction when DATA has no val/ folder
+    augment: str = "flip"  # none | flip | crop (random resized crop + flip)
+    workers: int | None = None  # None = auto
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Defaults are tuned for small folders on a CPU; see README "Defaults"."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw (default) | sgd (the paper's recipe)
+    lr: float | None = None  # prompt learning rate; None = the optimizer's default
+    head_lr: float | None = None  # None = the optimizer's default
+    weight_decay: float = 1e-4
+    warmup_epochs: int | None = None  # None = a tenth of the epochs, as in the paper
+    head_init: str = "probe"  # probe: fit a linear probe on the initial features first
+    patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-2 if self.optimizer == "adamw" else 2.5 * self.batch_size / 256
+
+    def resolved_head_lr(self) -> float:
+        if self.head_lr is not None:
+            return self.head_lr
+        return 3e-3 if self.optimizer == "adamw" else self.resolved_lr()
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_epochs if self.warmup_epochs is not None else self.epochs // 10
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        config = cls()
+        apply_overrides(config, _flatten(raw))
+        return config
+
+    def validate(self) -> "RunConfig":
+        """Raise UsageError on values no run can use; return self for chaining."""
+        _check_choice("prompt.method", self.prompt.method, METHODS)
+        _check_choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
+        _check_choice("data.augment", self.data.augment, AUGMENTS)
+        _check_choice("train.head_init", self.train.head_init, HEAD_INITS)
+        _check_choice("train.device", self.train.device, DEVICES)
+        if self.prompt.method.startswith("vpt") and self.prompt.num_prompts < 1:
+            raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
+        if not 0.0 <= self.prompt.resolved_dropout < 1.0:
+            raise UsageError("prompt dropout must be in [0, 1)")
+        if not 0.0 <= self.data.val_split < 1.0:
+            raise UsageError("--val-split must be in [0, 1)")
+        if self.train.epochs < 1 or self.train.batch_size < 1:
+            raise UsageError("--epochs and --batch-size must be at least 1")
+        if self.backbone.img_size is not None and self.backbone.img_size < 8:
+            raise UsageError("--img-size must be at least 8")
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` ({"train.lr": 0.1, ...}).
+
+    Override values of None mean "flag not given" and are ignored, so CLI defaults never mask YAML.
+    """
+    config = RunConfig()
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"config {path} must be a mapping of sections")
+        apply_overrides(config, _flatten(raw))
+    apply_overrides(config, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return config.validate()
+
+
+def apply_overrides(config: RunConfig, flat: dict[str, Any]) -> None:
+    """Set dotted keys ("train.lr") on `config`; unknown keys are a UsageError naming them."""
+    sections = {f.name for f in fields(config)}
+    for key, value in flat.items():
+        section_name, _, attr = key.partition(".")
+        if section_name not in sections:
+            raise UsageError(f"unknown config section '{section_name}' (expected one of {sorted(sections)})")
+        section = getattr(config, section_name)
+        names = {f.name for f in fields(section)}
+        if attr not in names:
+            raise UsageError(f"unknown config key '{key}' (section '{section_name}' has {sorted(names)})")
+        setattr(section, attr, value)
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"config section '{section}' must be a mapping")
+        for attr, value in values.items():
+            flat[f"{section}.{attr}"] = value
+    return flat
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}, not '{value}'")
+
