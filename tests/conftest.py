@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny timm ViTs built locally (no hub), and an isolated task registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vpt_cli.backbones import create_backbone
+from vpt_cli.config import BackboneConfig
+
+TINY_KWARGS = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)
+
+
+def tiny_config(**overrides) -> BackboneConfig:
+    """A 2-block, width-64 ViT at 32 px: every code path, a fraction of a second per step."""
+    fields = dict(name="vit_tiny_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS))
+    fields["kwargs"].update(overrides.pop("kwargs", {}))
+    fields.update(overrides)
+    return BackboneConfig(**fields)
+
+
+@pytest.fixture
+def tiny_backbone():
+    torch.manual_seed(0)
+    return create_backbone(tiny_config(), pretrained=False)
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own VPT_HOME so no test sees another's tasks (or the user's)."""
+    home = tmp_path / "vpt_home"
+    monkeypatch.setenv("VPT_HOME", str(home))
+    return home

@@ -1,0 +1,81 @@
+"""Task files: symmetric save/load, atomic writes, no silent overwrite, registry paths."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vpt_cli.artifact import (FORMAT_VERSION, Task, TaskInfo, list_tasks, load_task, read_task_info,
+                              resolve_task_path, save_task, tasks_dir)
+from vpt_cli.errors import TaskError
+
+
+def make_task(name="birds"):
+    info = TaskInfo(name=name, backbone="vit_tiny_patch16_224", backbone_fingerprint="abc", img_size=32,
+                    data_config={"mean": [0.5] * 3}, prompt={"method": "vpt-deep", "num_prompts": 2},
+                    classes=["a", "b"])
+    return Task(info=info, tensors={"prompts": torch.randn(2, 2, 4), "head.weight": torch.randn(2, 4)})
+
+
+def test_roundtrip_keeps_tensors_and_metadata(tmp_path):
+    task = make_task()
+    path = save_task(task, tmp_path / "t.safetensors")
+    loaded = load_task(path)
+    assert loaded.info == task.info
+    assert loaded.info.format_version == FORMAT_VERSION
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in task.tensors.items())
+    assert read_task_info(path).classes == ["a", "b"]
+
+
+def test_existing_task_is_not_overwritten_without_force(tmp_path):
+    path = save_task(make_task(), tmp_path / "t.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(TaskError, match="--force"):
+        save_task(make_task(), path)
+    assert path.read_bytes() == before
+    save_task(make_task(), path, force=True)
+    assert path.read_bytes() != before
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import vpt_cli.artifact as artifact
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "save_file", broken)
+    with pytest.raises(OSError):
+        save_task(make_task(), tmp_path / "t.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_corrupt_and_newer_files_are_refused(tmp_path):
+    with pytest.raises(TaskError, match="not found"):
+        load_task(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 20)
+    with pytest.raises(TaskError, match="not a readable"):
+        load_task(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(TaskError, match="not a vpt task"):
+        load_task(foreign)
+    newer = tmp_path / "newer.safetensors"
+    info = json.dumps({**make_task().info.__dict__, "format_version": FORMAT_VERSION + 1})
+    save_file({"w": torch.zeros(2)}, str(newer), metadata={"vpt_task": info})
+    with pytest.raises(TaskError, match="upgrade"):
+        load_task(newer)
+
+
+def test_registry_names_and_paths(isolated_home, tmp_path):
+    assert resolve_task_path("birds") == isolated_home / "tasks" / "birds.safetensors"
+    assert resolve_task_path(str(tmp_path / "x.safetensors")) == tmp_path / "x.safetensors"
+    with pytest.raises(TaskError, match="invalid task name"):
+        resolve_task_path("bad name!")
+    save_task(make_task("birds"), resolve_task_path("birds"))
+    save_task(make_task("cars"), resolve_task_path("cars"))
+    (tasks_dir() / "broken.safetensors").write_bytes(b"junk")
+    assert [info.name for _, info in list_tasks()] == ["birds", "cars"]

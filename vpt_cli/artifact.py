@@ -1,0 +1,162 @@
+"""The task file: one safetensors file with the trained tensors and JSON metadata.
+
+Tensors (prompts, optional projection, head; a full fine-tune adds the backbone) are stored
+under the names `PromptedViT.task_state_dict()` gives them. Everything else a task needs to be
+rebuilt on a standard timm backbone lives in the safetensors string metadata under "vpt_task"
+(see README, "The task file"). Writes are atomic; nothing is unpickled when reading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from vpt_cli.errors import TaskError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "vpt_task"
+TASK_SUFFIX = ".safetensors"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class TaskInfo:
+    """What a task file says about itself, besides its tensors."""
+
+    name: str
+    backbone: str  # timm name with pretrained tag
+    backbone_fingerprint: str
+    img_size: int
+    data_config: dict[str, Any]  # mean, std, interpolation, crop_pct, crop_mode, input_size
+    prompt: dict[str, Any]  # PromptConfig fields: method, num_prompts, dropout, proj_dim
+    classes: list[str]
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None  # local file used in training, reused when it still exists
+    metrics: dict[str, Any] = field(default_factory=dict)  # validation metrics of the kept epoch
+    provenance: dict[str, Any] = field(default_factory=dict)  # data, split, seed, config, versions
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class Task:
+    info: TaskInfo
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size if self.path and self.path.exists() else 0
+
+
+def save_task(task: Task, path: Path, force: bool = False) -> Path:
+    """Write `task` to `path` atomically; refuse to replace an existing file unless `force`."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise TaskError(f"task file {path} already exists; pass --force to overwrite it")
+    metadata = {METADATA_KEY: json.dumps(asdict(task.info), sort_keys=True), "format": "vpt-task"}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in task.tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    task.path = path
+    return path
+
+
+def read_task_info(path: Path) -> TaskInfo:
+    """Only the metadata of a task file (cheap: tensors are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TaskError(f"{path} is not a readable task file ({str(exc).splitlines()[0][:120]})") from None
+    if METADATA_KEY not in metadata:
+        raise TaskError(f"{path} is a safetensors file but not a vpt task (no '{METADATA_KEY}' metadata)")
+    raw = json.loads(metadata[METADATA_KEY])
+    version = raw.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise TaskError(f"{path} uses task format {version}; this vpt-cli reads up to {FORMAT_VERSION}, please upgrade")
+    known = TaskInfo.__dataclass_fields__
+    return TaskInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_task(path: Path) -> Task:
+    """Read a task file; a missing, foreign or newer-format file is a TaskError, not a crash."""
+    info = read_task_info(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TaskError(f"{path} is not a readable task file ({str(exc).splitlines()[0][:120]})") from None
+    return Task(info=info, tensors=tensors, path=Path(path))
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def vpt_home() -> Path:
+    """$VPT_HOME, else the platform's per-user data folder (XDG on Linux)."""
+    if os.environ.get("VPT_HOME"):
+        return Path(os.environ["VPT_HOME"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "vpt"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "vpt"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "vpt"
+
+
+def tasks_dir() -> Path:
+    return vpt_home() / "tasks"
+
+
+def runs_dir(name: str) -> Path:
+    """Where a named task's run log, config and resumable checkpoint live."""
+    return vpt_home() / "runs" / name
+
+
+def check_task_name(name: str) -> str:
+    if not _NAME_PATTERN.match(name):
+        raise TaskError(f"invalid task name '{name}': use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+def resolve_task_path(name_or_path: str | Path) -> Path:
+    """`--task` accepts a registry name ('birds') or a path to a task file."""
+    text = str(name_or_path)
+    if text.endswith(TASK_SUFFIX) or os.sep in text or "/" in text:
+        return Path(text).expanduser()
+    return tasks_dir() / f"{check_task_name(text)}{TASK_SUFFIX}"
+
+
+def task_name_from(name_or_path: str | Path) -> str:
+    """The registry-style name of a task given by name or path (the file's stem)."""
+    return Path(str(name_or_path)).name.removesuffix(TASK_SUFFIX)
+
+
+def list_tasks() -> list[tuple[Path, TaskInfo]]:
+    """Every readable task in the registry, by name; unreadable files are left out, not fatal."""
+    found = []
+    for path in sorted(tasks_dir().glob(f"*{TASK_SUFFIX}")):
+        try:
+            found.append((path, read_task_info(path)))
+        except TaskError:
+            continue
+    return found

@@ -1,0 +1,176 @@
+"""Creating the frozen timm backbone: hub or local weights, fingerprint, data config.
+
+Weights come from timm's own hub code (what users run online) or from a local file
+(`--backbone-weights`, first-class for offline machines). Local files are read without
+unpickling arbitrary objects: safetensors directly, npz through numpy, .pth/.pt/.bin through
+`torch.load(weights_only=True)`. timm's per-model checkpoint filter then adapts the keys and
+resamples position embeddings for another image size, exactly as timm does for its own downloads.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import nn
+
+from vpt_cli.config import BackboneConfig
+from vpt_cli.errors import BackboneError
+
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin", ".ckpt")
+_REQUIRED_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
+
+
+@dataclass
+class Backbone:
+    """A frozen timm model with what travels with its weights."""
+
+    model: nn.Module
+    name: str  # timm name with pretrained tag, e.g. vit_base_patch16_224.augreg_in21k
+    fingerprint: str  # hash of the loaded weights; tasks refuse a backbone whose hash differs
+    data_config: dict[str, Any]  # timm data config: input_size, mean, std, interpolation, crop
+    weights: str | None  # the local weights file, or None for hub weights
+
+    @property
+    def img_size(self) -> int:
+        return int(self.data_config["input_size"][-1])
+
+
+def create_backbone(config: BackboneConfig, pretrained: bool = True) -> Backbone:
+    """Build `config.name` with weights from `config.weights` or the hub, frozen, in eval mode.
+
+    `pretrained=False` gives random weights (tests, and tiny models made on the spot).
+    """
+    arch = config.name.split(".")[0]
+    if not timm.is_model(arch):
+        raise BackboneError(f"unknown timm model '{config.name}' (see `timm.list_models('vit_*')`)")
+    kwargs: dict[str, Any] = dict(config.kwargs, num_classes=0)
+    if config.img_size:
+        kwargs["img_size"] = config.img_size
+    if config.weights:
+        model = _create(config.name, False, kwargs)
+        load_weights_file(model, Path(config.weights))
+    else:
+        model = _create_from_hub(config.name, kwargs) if pretrained else _create(config.name, False, kwargs)
+    _check_layout(model, config.name)
+    model.requires_grad_(False)
+    model.eval()
+    height, width = model.patch_embed.img_size
+    data_config = resolve_data_config({"input_size": (3, height, width)}, model=model)
+    return Backbone(
+        model=model,
+        name=config.name,
+        fingerprint=weights_fingerprint(model),
+        data_config=data_config,
+        weights=str(Path(config.weights).resolve()) if config.weights else None,
+    )
+
+
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise BackboneError(f"cannot build '{name}' with {kwargs}: {exc}") from None
+
+
+def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's own download path; any failure there becomes one line that names the offline flag."""
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except BackboneError:
+        raise
+    except Exception as exc:  # network, hub and cache errors come in many types
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise BackboneError(
+            f"could not download pretrained weights for '{name}' ({reason}); "
+            "on an offline machine pass --backbone-weights FILE"
+        ) from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local checkpoint, unwrapped from common training-script containers."""
+    if not path.is_file():
+        raise BackboneError(f"--backbone-weights file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise BackboneError(f"unsupported weights file type '{suffix}' (use one of {', '.join(WEIGHT_SUFFIXES)})")
+    except BackboneError:
+        raise
+    except Exception as exc:
+        raise BackboneError(f"cannot read weights file {path}: {str(exc).splitlines()[0][:200]}") from None
+    return _unwrap(state)
+
+
+def _unwrap(state: Any) -> dict[str, torch.Tensor]:
+    """Find the model tensors in {'state_dict': ...}/{'model': ...} and strip DDP/MoCo prefixes."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError("weights file holds no state dict")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.base_encoder.", "base_encoder.", "module."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load `path` into `model` through timm's checkpoint filter; refuse files that do not fit."""
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise BackboneError(f"--backbone-weights file not found: {path}")
+        try:
+            model.load_pretrained(str(path))  # timm's JAX/big_vision npz reader (numpy, no pickle)
+        except Exception as exc:
+            raise BackboneError(f"cannot load npz weights {path}: {str(exc).splitlines()[0][:200]}") from None
+        return
+    state = read_state_dict(path)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as exc:
+            raise BackboneError(f"weights in {path} do not fit this model: {str(exc).splitlines()[0][:200]}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BackboneError(
+            f"weights in {path} do not fit the chosen --backbone: "
+            f"missing {_preview(result.missing_keys)}, unexpected {_preview(result.unexpected_keys)}"
+        )
+
+
+def _preview(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit]) or "none"
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """blake2b over every backbone tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_layout(model: nn.Module, name: str) -> None:
+    missing = [part for part in _REQUIRED_PARTS if not hasattr(model, part)]
+    if missing:
+        raise BackboneError(
+            f"'{name}' is not a ViT-family model with a patch_embed/blocks layout (lacks {', '.join(missing)})"
+        )

@@ -1,0 +1,131 @@
+"""PromptedViT: Visual Prompt Tuning (Jia et al., ECCV 2022) on an unmodified timm ViT.
+
+The backbone is a stock timm `VisionTransformer`, so any checkpoint of that family loads as-is;
+this module only re-runs its forward with prompt tokens spliced in after the prefix tokens
+(CLS and register tokens). Semantics follow shared/docs/vpt-method.md exactly:
+
+* prompts are inserted after position embeddings are added, so they get none;
+* VPT-deep replaces the previous block's prompt outputs with the next layer's own prompts;
+* no attention mask; final norm and the backbone's own pooling, then a new linear head.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vpt_cli.config import PromptConfig
+
+# Called with (layer index, batch size); returns that layer's prompt tokens (B, N, D), or None
+# when nothing is inserted before that block.
+PromptSource = Callable[[int, int], "torch.Tensor | None"]
+
+
+def prompt_init_bound(patch_size: int, prompt_dim: int) -> float:
+    """Half-width of the paper's uniform prompt init: sqrt(6 / (3 * p * p + d))."""
+    return math.sqrt(6.0 / (3 * patch_size * patch_size + prompt_dim))
+
+
+def encode_with_prompts(
+    backbone: nn.Module, images: torch.Tensor, prompt_source: PromptSource, num_prompts: int
+) -> torch.Tensor:
+    """The backbone's forward up to pooled pre-logits, with prompts from `prompt_source`.
+
+    Before block 0 the prompts are inserted after the prefix tokens; before a later block, a
+    non-None result replaces the `num_prompts` tokens there (VPT-deep). Shared by single-task
+    and mixed-task models, which differ only in where each sample's prompts come from.
+    """
+    x = backbone.patch_embed(images)
+    x = backbone._pos_embed(x)
+    x = backbone.patch_drop(x)
+    x = backbone.norm_pre(x)
+    prefix = backbone.num_prefix_tokens
+    for index, block in enumerate(backbone.blocks):
+        prompts = prompt_source(index, x.shape[0]) if num_prompts else None
+        if prompts is not None:
+            kept_from = prefix + (num_prompts if index > 0 else 0)
+            x = torch.cat([x[:, :prefix], prompts.to(x.dtype), x[:, kept_from:]], dim=1)
+        x = block(x)
+    x = backbone.norm(x)
+    return backbone.forward_head(x, pre_logits=True)
+
+
+class PromptedViT(nn.Module):
+    """A frozen timm ViT plus learned prompt tokens and a linear head.
+
+    `prompts` has shape (L, N, d) for VPT-deep and (1, N, d) for VPT-shallow, d being the
+    projection input size when `proj_dim` > 0 and the backbone width otherwise. The baselines
+    share the class: `linear` has no prompts, `full` also unfreezes the backbone.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, prompt: PromptConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.method = prompt.method
+        self.num_prompts = prompt.length
+        self.deep = prompt.deep
+        width = backbone.embed_dim
+        if self.num_prompts:
+            prompt_dim = prompt.proj_dim or width
+            depth = len(backbone.blocks) if self.deep else 1
+            patch = backbone.patch_embed.patch_size[0]
+            bound = prompt_init_bound(patch, prompt_dim)
+            self.prompts = nn.Parameter(torch.empty(depth, self.num_prompts, prompt_dim).uniform_(-bound, bound))
+            self.prompt_proj: nn.Module = nn.Identity()
+            if prompt.proj_dim:
+                self.prompt_proj = nn.Linear(prompt.proj_dim, width)
+                nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
+            self.prompt_dropout = nn.Dropout(prompt.resolved_dropout)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.train_backbone = prompt.method == "full"
+        backbone.requires_grad_(self.train_backbone)
+        backbone.train(False)
+
+    def train(self, mode: bool = True) -> "PromptedViT":
+        """Switch prompt dropout; the backbone stays in eval mode unless fully fine-tuned."""
+        super().train(mode)
+        self.backbone.train(mode and self.train_backbone)
+        return self
+
+    def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
+        """Projected prompts for `layer`, expanded per sample, then dropped out per sample."""
+        if not self.deep and layer > 0:
+            return None
+        tokens = self.prompt_proj(self.prompts[layer])
+        return self.prompt_dropout(tokens.expand(batch, -1, -1))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features of the prompted backbone (what the head sees)."""
+        return encode_with_prompts(self.backbone, images, self.layer_prompts, self.num_prompts)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+    def task_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a task file stores: everything trained, nothing of the frozen backbone."""
+        return {
+            name: tensor.detach()
+            for name, tensor in self.state_dict().items()
+            if self.train_backbone or not name.startswith("backbone.")
+        }
+
+    def load_task_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `task_state_dict`; shapes must match exactly."""
+        expected = self.task_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"task tensors do not match the model: missing {missing}, unexpected {unexpected}")
+        self.load_state_dict(state, strict=False)
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimiser group: prompts (and projection), head, backbone (full only)."""
+        groups: dict[str, list[nn.Parameter]] = {"prompts": [], "head": [], "backbone": []}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = name.split(".")[0]
+            groups["prompts" if group in ("prompts", "prompt_proj") else group].append(param)
+        return groups
