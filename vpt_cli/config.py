@@ -88,7 +88,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 3e-2 if self.optimizer == "adamw" else 2.5 * self.batch_size / 256
+        return 3e-3 if self.optimizer == "adamw" else 2.5 * self.batch_size / 256
 
     def resolved_head_lr(self) -> float:
         if self.head_lr is not None:

@@ -1,0 +1,129 @@
+"""End to end through the `vpt` command on sample_data/ with a local tiny backbone file."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from vpt_cli.cli import app
+
+from conftest import TINY_KWARGS
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_weights(tiny_backbone, tmp_path):
+    path = tmp_path / "tiny_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
+    return path
+
+
+def tiny_flags(weights: Path) -> list[str]:
+    flags = ["--backbone", "vit_tiny_patch16_224", "--backbone-weights", str(weights), "--img-size", "32"]
+    for key, value in TINY_KWARGS.items():
+        flags += ["--backbone-arg", f"{key}={value}"]
+    return flags
+
+
+def vpt(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from vpt_cli.cli import app; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "vpt_cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
+
+
+def test_train_eval_predict_export_on_sample_data(tiny_weights, tmp_path):
+    trained = vpt("train", SAMPLE, "--task", "fashion", *tiny_flags(tiny_weights), "--epochs", "2",
+                  "--prompts", "2", "--batch-size", "32", "--json")
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.stdout)
+    assert summary["classes"] == ["bag", "dress", "sneaker", "trouser"]
+    assert summary["num_train"] == 160 and summary["num_val"] == 60
+    assert len(summary["history"]) == 2
+    assert summary["task_bytes"] < 0.05 * summary["backbone_bytes"]
+
+    again = vpt("train", SAMPLE, "--task", "fashion", *tiny_flags(tiny_weights), "--epochs", "1")
+    assert again.exit_code == 5 and "--force" in again.output
+
+    # eval/predict/export find the backbone file the task was trained with: no extra flags.
+    evaluated = vpt("eval", SAMPLE / "val", "--task", "fashion", "--json", "--output-dir", tmp_path / "eval")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["num_samples"] == 60
+    assert (tmp_path / "eval" / "confusion.csv").is_file() and (tmp_path / "eval" / "confusion.png").is_file()
+    assert abs(metrics["top1"] - summary["val"]["top1"]) < 1e-6
+
+    image = next((SAMPLE / "val" / "bag").iterdir())
+    predicted = vpt("predict", image, SAMPLE / "val" / "dress", str(SAMPLE / "val" / "sneaker" / "*.png"),
+                    "--task", "fashion", "--top-k", "2", "--format", "json")
+    assert predicted.exit_code == 0, predicted.output
+    rows = json.loads(predicted.stdout)["predictions"]
+    assert len(rows) == 1 + 15 + 15
+    assert all(len(r["top"]) == 2 and r["top"][0]["prob"] >= r["top"][1]["prob"] for r in rows)
+
+    as_csv = vpt("predict", image, "--task", "fashion", "--format", "csv", "-k", "1")
+    assert as_csv.stdout.splitlines()[0] == "file,rank,class,prob" and len(as_csv.stdout.splitlines()) == 2
+
+    exported = vpt("export", "--task", "fashion", "--format", "onnx", "--output", tmp_path / "fashion.onnx", "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["max_abs_diff"] < 1e-4
+
+    listed = vpt("tasks", "--json")
+    assert [t["name"] for t in json.loads(listed.stdout)] == ["fashion"]
+
+
+def test_predict_reports_bad_inputs_and_fails_only_if_all_fail(tiny_weights, tmp_path):
+    assert vpt("train", SAMPLE, "--task", "t", *tiny_flags(tiny_weights), "--epochs", "1", "-q").exit_code == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    good = next((SAMPLE / "val" / "bag").iterdir())
+    mixed = vpt("predict", good, broken, tmp_path / "missing.jpg", "--task", "t", "--format", "json")
+    assert mixed.exit_code == 0
+    payload = json.loads(mixed.stdout)
+    assert len(payload["predictions"]) == 1 and len(payload["failures"]) == 2
+    only_bad = vpt("predict", broken, "--task", "t")
+    assert only_bad.exit_code == 7 and "Traceback" not in only_bad.output
+
+
+def test_clear_errors_and_exit_codes(tiny_weights, tmp_path):
+    missing = vpt("train", tmp_path / "nowhere", *tiny_flags(tiny_weights))
+    assert missing.exit_code == 3 and "Traceback" not in missing.output
+    one_class = tmp_path / "one"
+    shutil.copytree(SAMPLE / "train" / "bag", one_class / "bag")
+    assert vpt("train", one_class, *tiny_flags(tiny_weights)).exit_code == 3
+    unknown = vpt("train", SAMPLE, "--backbone", "vit_nope", "--backbone-weights", tiny_weights)
+    assert unknown.exit_code == 4 and "unknown timm model" in unknown.output
+    bad_value = vpt("train", SAMPLE, *tiny_flags(tiny_weights), "--val-split", "1.5")
+    assert bad_value.exit_code == 2
+    no_task = vpt("predict", SAMPLE / "val", "--task", "nope")
+    assert no_task.exit_code == 5 and "not found" in no_task.output
+
+
+def test_yaml_config_with_cli_override(tiny_weights, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "backbone:\n  name: vit_tiny_patch16_224\n  img_size: 32\n"
+        f"  weights: {tiny_weights}\n  kwargs: {json.dumps(TINY_KWARGS)}\n"
+        "prompt:\n  method: vpt-shallow\n  num_prompts: 3\ntrain:\n  epochs: 3\n"
+    )
+    result = vpt("train", SAMPLE, "--config", config, "--epochs", "1", "--task", "y", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["history"]) == 1
+    from vpt_cli.artifact import read_task_info, resolve_task_path
+
+    info = read_task_info(resolve_task_path("y"))
+    assert info.prompt["method"] == "vpt-shallow" and info.prompt["num_prompts"] == 3
+    assert info.provenance["config"]["train"]["epochs"] == 1

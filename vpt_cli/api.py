@@ -1,0 +1,328 @@
+"""The library API: train, evaluate, predict and export tasks without the CLI.
+
+Each function composes data, backbone, model, engine and artifact, and returns a result object
+that the CLI renders (or that `--json` dumps). Nothing here prints; progress goes to a Reporter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from vpt_cli import __version__
+from vpt_cli.artifact import (Task, TaskInfo, atomic_write, load_task, resolve_task_path, runs_dir,
+                              save_task, task_name_from)
+from vpt_cli.backbones import Backbone, create_backbone
+from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig
+from vpt_cli.data import (ImageDataset, ImageLoadError, build_transform, discover_splits, list_images,
+                          load_image, make_loader, scan_class_folders, validate_samples)
+from vpt_cli.engine import (Checkpoint, EpochStats, Reporter, autocast, evaluate as run_evaluation, fit,
+                            pick_device, probe_init_head, seed_everything)
+from vpt_cli.errors import DataError, PredictError, TaskError
+from vpt_cli.metrics import EvalReport, write_confusion_csv
+from vpt_cli.plots import render_confusion_png, render_history_png
+from vpt_cli.prompts import PromptedViT
+
+
+@dataclass
+class TrainResult:
+    task_path: Path
+    task_name: str
+    classes: list[str]
+    val_report: EvalReport | None
+    history: list[EpochStats]
+    best_epoch: int
+    stopped_early: bool
+    train_images_per_sec: float
+    probe_val_acc: float | None
+    num_train: int
+    num_val: int
+    skipped: list[tuple[str, str]]
+    trainable_params: int
+    task_bytes: int
+    backbone_bytes: int
+    run_dir: Path
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task_name, "task_path": str(self.task_path), "classes": self.classes,
+            "val": self.val_report.to_dict() if self.val_report else None,
+            "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early, "train_images_per_sec": self.train_images_per_sec,
+            "probe_val_acc": self.probe_val_acc, "num_train": self.num_train, "num_val": self.num_val,
+            "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+            "trainable_params": self.trainable_params, "task_bytes": self.task_bytes,
+            "backbone_bytes": self.backbone_bytes, "run_dir": str(self.run_dir), "seconds": self.seconds,
+        }
+
+
+def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
+          reporter: Reporter | None = None) -> TrainResult:
+    """Train a task on `config.data.path` and save it to the registry (or to a task file path)."""
+    reporter = reporter or Reporter()
+    config.validate()
+    started = time.perf_counter()
+    data_root = Path(config.data.path)
+    task_path = resolve_task_path(task or data_root.resolve().name)
+    name = task_name_from(task_path)
+    if task_path.exists() and not force and not resume:
+        raise TaskError(f"task '{name}' already exists at {task_path}; pass --force to overwrite it")
+    seed_everything(config.train.seed)
+    splits = discover_splits(data_root, config.data.val_split, config.train.seed)
+    train_samples, bad_train = validate_samples(splits.train)
+    val_samples, bad_val = validate_samples(splits.val)
+    skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
+    if not train_samples:
+        raise DataError(f"no readable training images in {data_root}")
+    run_dir = runs_dir(name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(run_dir / "config.yaml", config.to_yaml())
+    _write_text(run_dir / "skipped.txt", "".join(f"{f}\t{r}\n" for f, r in skipped))
+    for file, reason in skipped:
+        reporter.log(f"skipped {file}: {reason}")
+
+    backbone = create_backbone(config.backbone)
+    device = pick_device(config.train.device)
+    model = PromptedViT(backbone.model, len(splits.classes), config.prompt)
+    workers = config.data.workers
+    batch = config.train.batch_size
+    eval_transform = build_transform(backbone.data_config, train=False)
+    train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment)),
+                               batch, shuffle=True, workers=workers, seed=config.train.seed, drop_last=len(train_samples) > batch)
+    probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
+    val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
+    if config.prompt.method == "linear":
+        model.to(device)
+        probe_acc = probe_init_head(model, probe_loader, val_loader, device, config.train.amp, reporter)
+        report = run_evaluation(model, val_loader, splits.classes, device, config.train.amp, reporter, "val") if val_loader else None
+        history, best_epoch, stopped, speed = [], 0, False, 0.0
+    else:
+        run_key = hashlib.sha256(json.dumps({k: v for k, v in config.to_dict().items() if k != "train"} |
+                                            {"epochs": config.train.epochs}, sort_keys=True).encode()).hexdigest()[:16]
+        result = fit(model, train_loader, val_loader, probe_loader, splits.classes, config.train, device,
+                     Checkpoint(run_dir / "last.safetensors"), reporter, resume=resume, run_fingerprint=run_key)
+        report, history, best_epoch = result.best_report, result.history, result.best_epoch
+        stopped, speed, probe_acc = result.stopped_early, result.train_images_per_sec, result.probe_val_acc
+
+    info = TaskInfo(
+        name=name, backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
+        img_size=backbone.img_size, data_config=_jsonable(backbone.data_config), prompt=asdict(config.prompt),
+        classes=splits.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=backbone.weights,
+        metrics=_summary(report),
+        provenance={
+            "data": str(data_root.resolve()), "split": splits.source, "num_train": len(train_samples),
+            "num_val": len(val_samples), "skipped": len(skipped), "seed": config.train.seed,
+            "best_epoch": best_epoch, "epochs_run": len(history), "config": config.to_dict(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"vpt_cli": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                         "python": platform.python_version()},
+        },
+    )
+    saved = Task(info=info, tensors=model.task_state_dict())
+    save_task(saved, task_path, force=force or resume)
+    _write_text(run_dir / "history.json", json.dumps([asdict(h) for h in history], indent=1))
+    if history:
+        render_history_png([asdict(h) for h in history], run_dir / "history.png")
+    trainable = sum(p.numel() for group in model.trainable_parameters().values() for p in group)
+    return TrainResult(
+        task_path=task_path, task_name=name, classes=splits.classes, val_report=report, history=history,
+        best_epoch=best_epoch, stopped_early=stopped, train_images_per_sec=speed, probe_val_acc=probe_acc,
+        num_train=len(train_samples), num_val=len(val_samples), skipped=skipped, trainable_params=trainable,
+        task_bytes=saved.size_bytes, backbone_bytes=sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values()),
+        run_dir=run_dir, seconds=time.perf_counter() - started,
+    )
+
+
+def _summary(report: EvalReport | None) -> dict[str, Any]:
+    if report is None:
+        return {}
+    return {"val_top1": report.top1, "val_top5": report.top5, "val_balanced_accuracy": report.balanced_accuracy,
+            "val_macro_f1": report.macro_f1, "val_samples": report.num_samples}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@dataclass
+class LoadedTask:
+    """A task ready for inference: the model on its device, and what the task file says."""
+
+    task: Task
+    backbone: Backbone
+    model: PromptedViT
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return self.task.info.classes
+
+
+def load_for_inference(task: str | Path, backbone_weights: str | None = None, device: str = "auto") -> LoadedTask:
+    """Load a task and rebuild its model on the backbone it was trained on.
+
+    Backbone weights: `backbone_weights` if given, else the file used in training when it still
+    exists, else timm's hub. A backbone whose fingerprint differs is refused.
+    """
+    loaded = load_task(resolve_task_path(task))
+    info = loaded.info
+    weights = backbone_weights or (info.backbone_weights if info.backbone_weights and Path(info.backbone_weights).is_file() else None)
+    backbone = create_backbone(BackboneConfig(name=info.backbone, weights=weights, img_size=info.img_size,
+                                              kwargs=info.backbone_kwargs))
+    if backbone.fingerprint != info.backbone_fingerprint:
+        raise TaskError(
+            f"task '{info.name}' was trained on other '{info.backbone}' weights (fingerprint "
+            f"{info.backbone_fingerprint[:12]}, these are {backbone.fingerprint[:12]}); pass the original --backbone-weights"
+        )
+    model = PromptedViT(backbone.model, len(info.classes), PromptConfig(**info.prompt))
+    try:
+        model.load_task_state_dict(loaded.tensors)
+    except ValueError as exc:
+        raise TaskError(f"task file {loaded.path} is inconsistent: {exc}") from None
+    target = pick_device(device)
+    return LoadedTask(task=loaded, backbone=backbone, model=model.to(target).eval(), device=target)
+
+
+@dataclass
+class EvalResult:
+    task_name: str
+    report: EvalReport
+    unknown_classes: list[str]
+    skipped: list[tuple[str, str]]
+    confusion_csv: Path
+    confusion_png: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task_name, **self.report.to_dict(), "unknown_classes": self.unknown_classes,
+                "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+                "confusion_csv": str(self.confusion_csv), "confusion_png": str(self.confusion_png)}
+
+
+def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
+             device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
+             reporter: Reporter | None = None) -> EvalResult:
+    """Metrics of a task on a folder of class folders; classes unknown to the task are reported."""
+    reporter = reporter or Reporter()
+    loaded = load_for_inference(task, backbone_weights, device)
+    classes, samples, skipped_files, unknown = scan_class_folders(Path(data), loaded.classes)
+    good, bad = validate_samples(samples)
+    skipped = [(str(p), r) for p, r in skipped_files + bad]
+    if not good:
+        raise DataError(f"no readable images of the task's classes in {data}")
+    loader = make_loader(ImageDataset(good, build_transform(loaded.backbone.data_config, train=False)),
+                         batch_size, False, workers, 0)
+    report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter)
+    out = Path(output_dir) if output_dir else runs_dir(loaded.task.info.name) / "eval"
+    csv_path, png_path = out / "confusion.csv", out / "confusion.png"
+    write_confusion_csv(report, csv_path)
+    render_confusion_png(report, png_path, title=f"{loaded.task.info.name} on {Path(data).name}")
+    return EvalResult(loaded.task.info.name, report, unknown, skipped, csv_path, png_path)
+
+
+@dataclass
+class Prediction:
+    file: str
+    top: list[tuple[str, float]]  # (class, probability), best first
+
+
+@dataclass
+class PredictResult:
+    task_name: str
+    predictions: list[Prediction]
+    failures: list[tuple[str, str]]
+    images_per_sec: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task_name,
+                "predictions": [{"file": p.file, "top": [{"class": c, "prob": s} for c, s in p.top]}
+                                for p in self.predictions],
+                "failures": [{"file": f, "reason": r} for f, r in self.failures]}
+
+
+class _PredictDataset(torch.utils.data.Dataset):
+    """Decodes inputs in loader workers so decoding overlaps the forward pass."""
+
+    def __init__(self, files: list[Path], transform: Any):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
+        try:
+            return self.transform(load_image(self.files[index])), index, ""
+        except ImageLoadError as exc:
+            return None, index, exc.reason
+
+
+def _collate_predict(batch: list) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    good = [(img, i) for img, i, _ in batch if img is not None]
+    bad = [(i, reason) for img, i, reason in batch if img is None]
+    images = torch.stack([img for img, _ in good]) if good else None
+    return images, [i for _, i in good], bad
+
+
+def predict(inputs: list[str], task: str | Path, top_k: int = 5, backbone_weights: str | None = None,
+            batch_size: int = 32, device: str = "auto", workers: int | None = None, amp: bool = False,
+            reporter: Reporter | None = None) -> PredictResult:
+    """Top-k classes for image files, folders and globs; unreadable inputs are reported, not fatal."""
+    reporter = reporter or Reporter()
+    files, missing = list_images(inputs)
+    failures = [(arg, reason) for arg, reason in missing]
+    if not files:
+        raise PredictError(f"no images found in {', '.join(inputs)}" + (f" ({failures[0][1]})" if failures else ""))
+    loaded = load_for_inference(task, backbone_weights, device)
+    k = max(1, min(top_k, len(loaded.classes)))
+    dataset = _PredictDataset(files, build_transform(loaded.backbone.data_config, train=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_predict,
+                                         num_workers=_workers(workers, len(files)))
+    predictions: dict[int, Prediction] = {}
+    started = time.perf_counter()
+    reporter.start("predict", len(files))
+    with torch.inference_mode():
+        for images, indices, bad in loader:
+            failures.extend((str(files[i]), reason) for i, reason in bad)
+            if images is not None:
+                with autocast(loaded.device, amp):
+                    probs = loaded.model(images.to(loaded.device)).float().softmax(1).cpu()
+                values, classes = probs.topk(k, dim=1)
+                for row, index in enumerate(indices):
+                    predictions[index] = Prediction(str(files[index]), [
+                        (loaded.classes[c], float(v)) for v, c in zip(values[row].tolist(), classes[row].tolist())])
+            reporter.advance(len(indices) + len(bad))
+    reporter.finish()
+    elapsed = time.perf_counter() - started
+    if not predictions:
+        raise PredictError(f"none of the {len(files)} inputs could be read (first: {failures[0][0]}: {failures[0][1]})")
+    ordered = [predictions[i] for i in sorted(predictions)]
+    return PredictResult(loaded.task.info.name, ordered, failures, len(ordered) / max(elapsed, 1e-9))
+
+
+def _workers(requested: int | None, items: int) -> int:
+    if requested is not None:
+        return requested
+    import os
+
+    return 0 if items < 64 else min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def export(task: str | Path, fmt: str, output: str | Path, backbone_weights: str | None = None) -> Any:
+    """Write the task (backbone + prompts + head) as one ONNX / TorchScript file, checked against eager."""
+    from vpt_cli.export import export_model
+
+    loaded = load_for_inference(task, backbone_weights, device="cpu")
+    return export_model(loaded.model, loaded.backbone.img_size, fmt, Path(output))
+

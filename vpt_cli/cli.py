@@ -1,0 +1,337 @@
+"""The `vpt` command: a thin Typer layer over vpt_cli.api.
+
+Each command parses its options, calls one library function and renders the result with rich
+(or prints it as JSON). torch is imported only inside commands so `vpt --help` starts fast.
+Errors the user can fix end with one line on stderr and a documented exit code.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vpt_cli import __version__
+from vpt_cli.config import DEFAULT_BACKBONE
+from vpt_cli.errors import UsageError, VPTError
+
+if TYPE_CHECKING:
+    from vpt_cli.engine import EpochStats
+
+app = typer.Typer(
+    name="vpt",
+    help="Visual Prompt Tuning for pretrained Vision Transformers: train a tiny task on a folder of "
+    "images, then evaluate, predict and export it. A task is a few prompt tokens and a linear head "
+    "on a frozen timm backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Method(str, Enum):
+    vpt_deep = "vpt-deep"
+    vpt_shallow = "vpt-shallow"
+    linear = "linear"
+    full = "full"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Augment(str, Enum):
+    none = "none"
+    flip = "flip"
+    crop = "crop"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+TASK_HELP = "Task name in the registry ($VPT_HOME/tasks) or path to a .safetensors task file."
+WEIGHTS_HELP = ("Local backbone weights (.safetensors/.npz/.pth) for offline use. Default: the file the "
+                "task was trained with, if it still exists, else timm's hub download.")
+JSON_HELP = "Print the result as JSON on stdout (progress still goes to stderr)."
+QUIET_HELP = "No progress bars or per-epoch lines."
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"vpt-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """Visual Prompt Tuning for pretrained Vision Transformers."""
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Call `action`; turn user-facing errors into one stderr line and their exit code."""
+    try:
+        return action()
+    except VPTError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if os.environ.get("VPT_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set VPT_DEBUG=1 for the traceback)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _reporter(quiet: bool):
+    from vpt_cli.progress import RichReporter
+
+    return RichReporter(err, quiet=quiet, on_epoch=None if quiet else _print_epoch)
+
+
+def _print_epoch(stats: "EpochStats") -> None:
+    val = f"{stats.val_acc:.3f}" if stats.val_acc is not None else "  -  "
+    mark = " [green]*[/]" if stats.is_best else ""
+    err.print(
+        f"epoch {stats.epoch:>3}/{stats.epochs}  loss {stats.train_loss:.4f}  train {stats.train_acc:.3f}  "
+        f"val {val}{mark}  lr {stats.lr:.2e}  {stats.images_per_sec:.1f} img/s  {stats.seconds:.1f}s",
+        highlight=False,
+    )
+
+
+def _parse_backbone_args(items: list[str]) -> dict[str, Any]:
+    """`--backbone-arg depth=2` -> {"depth": 2}; values are parsed as YAML scalars."""
+    import yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--backbone-arg expects KEY=VALUE, got '{item}'")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def _print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Folder of class folders (DATA/<class>/<image>), or with train/ and val/ splits."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Name to save the task under (default: the folder's name), or a .safetensors path."),
+    backbone: Optional[str] = typer.Option(None, help=f"timm model name with pretrained tag. [default: {DEFAULT_BACKBONE}]"),
+    backbone_weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors/.npz/.pth) instead of the hub download."),
+    backbone_arg: List[str] = typer.Option([], help="Extra timm constructor argument KEY=VALUE (repeatable), e.g. depth=2."),
+    img_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's); position embeddings are resampled."),
+    method: Optional[Method] = typer.Option(None, help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. [default: vpt-deep]"),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompt tokens per layer. [default: 10]"),
+    prompt_dropout: Optional[float] = typer.Option(None, help="Dropout on prompt tokens. [default: 0.1 deep, 0.0 shallow]"),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs. [default: 30]"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step. [default: 32]"),
+    optimizer: Optional[Optimizer] = typer.Option(None, help="adamw (tuned for small folders) or sgd (the paper's recipe). [default: adamw]"),
+    lr: Optional[float] = typer.Option(None, help="Prompt learning rate. [default: 3e-3 adamw; 2.5*batch/256 sgd]"),
+    head_lr: Optional[float] = typer.Option(None, help="Head learning rate. [default: 3e-3 adamw; = --lr sgd]"),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (head; all but head bias with sgd). [default: 1e-4]"),
+    val_split: Optional[float] = typer.Option(None, help="Stratified held-out fraction when DATA has no val/ folder. [default: 0.1]"),
+    augment: Optional[Augment] = typer.Option(None, help="none, flip, or crop (random resized crop + flip). [default: flip]"),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without val improvement (0: never). [default: 10]"),
+    seed: Optional[int] = typer.Option(None, help="Seed for init, split and shuffling. [default: 0]"),
+    device: Optional[Device] = typer.Option(None, help="auto picks cuda, then mps, then cpu. [default: auto]"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16, or fp16 on GPUs without bf16)."),
+    workers: Optional[int] = typer.Option(None, help="Image decoding processes. [default: auto]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with backbone/prompt/data/train sections; flags override it."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing task of the same name."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this task from its last checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Train a task on a folder of images.
+
+    Example: [bold]vpt train ./photos --task birds --backbone-weights vit_b16.safetensors[/]
+    """
+
+    def action() -> None:
+        from vpt_cli import api
+        from vpt_cli.config import load_config
+
+        overrides = {
+            "data.path": str(data), "backbone.name": backbone,
+            "backbone.weights": str(backbone_weights) if backbone_weights else None,
+            "backbone.img_size": img_size,
+            "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
+            "prompt.method": method.value if method else None, "prompt.num_prompts": prompts,
+            "prompt.dropout": prompt_dropout, "train.epochs": epochs, "train.batch_size": batch_size,
+            "train.optimizer": optimizer.value if optimizer else None, "train.lr": lr, "train.head_lr": head_lr,
+            "train.weight_decay": weight_decay, "data.val_split": val_split,
+            "data.augment": augment.value if augment else None, "train.patience": patience, "train.seed": seed,
+            "train.device": device.value if device else None, "train.amp": amp, "data.workers": workers,
+        }
+        run_config = load_config(config, overrides)
+        result = api.train(run_config, task=task, force=force, resume=resume, reporter=_reporter(quiet or as_json))
+        if as_json:
+            _print_json(result.to_dict())
+            return
+        from vpt_cli.render import render_train
+
+        render_train(out, result)
+
+    _run(action)
+
+
+@app.command("eval")
+def evaluate(
+    data: Path = typer.Argument(..., help="Folder of class folders to evaluate on (e.g. DATA/test)."),
+    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
+    backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
+    workers: Optional[int] = typer.Option(None, help="Image decoding processes. [default: auto]"),
+    output_dir: Optional[Path] = typer.Option(None, help="Where confusion.csv/.png go. [default: the task's run folder]/eval"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Evaluate a task: top-1/top-5, per-class precision/recall/F1, balanced accuracy, confusion matrix."""
+
+    def action() -> None:
+        from vpt_cli import api
+
+        result = api.evaluate(data, task, _path(backbone_weights), batch_size, device.value, workers, amp,
+                              output_dir, _reporter(quiet or as_json))
+        if as_json:
+            _print_json(result.to_dict())
+            return
+        from vpt_cli.render import render_eval
+
+        render_eval(out, result)
+
+    _run(action)
+
+
+@app.command()
+def predict(
+    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="Classes to show per image."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv on stdout."),
+    backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
+    workers: Optional[int] = typer.Option(None, help="Image decoding processes. [default: auto]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Predict the classes of images. Exits non-zero only if no input could be read."""
+
+    def action() -> None:
+        from vpt_cli import api
+
+        result = api.predict(images, task, top_k, _path(backbone_weights), batch_size, device.value, workers, amp,
+                             _reporter(quiet or output_format is not OutputFormat.table))
+        for file, reason in result.failures:
+            err.print(f"[yellow]skipped[/] {file}: {reason}", highlight=False)
+        if output_format is OutputFormat.json:
+            _print_json(result.to_dict())
+        elif output_format is OutputFormat.csv:
+            writer = csv.writer(sys.stdout)
+            writer.writerow(["file", "rank", "class", "prob"])
+            for prediction in result.predictions:
+                for rank, (name, prob) in enumerate(prediction.top, 1):
+                    writer.writerow([prediction.file, rank, name, f"{prob:.6f}"])
+        else:
+            from vpt_cli.render import render_predictions
+
+            render_predictions(out, result)
+        if not quiet:
+            err.print(f"{len(result.predictions)} images, {result.images_per_sec:.1f} img/s", highlight=False)
+
+    _run(action)
+
+
+@app.command()
+def export(
+    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
+    output_format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", "-f", help="onnx (dynamic batch) or torchscript."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Export backbone + prompts + head as one file, checked against the eager model (max diff 1e-4)."""
+
+    def action() -> None:
+        from vpt_cli import api
+
+        result = api.export(task, output_format.value, output, _path(backbone_weights))
+        payload = {"path": str(result.path), "format": result.format, "max_abs_diff": result.max_abs_diff,
+                   "checked_with": result.checked_with, "size_bytes": result.size_bytes}
+        if as_json:
+            _print_json(payload)
+            return
+        diff = f"max |diff| {result.max_abs_diff:.2e}" if result.max_abs_diff is not None else "unchecked"
+        out.print(f"[green]exported[/] {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.format}; "
+                  f"{diff} vs eager, {result.checked_with})", highlight=False)
+
+    _run(action)
+
+
+@app.command()
+def tasks(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the named tasks on this machine ($VPT_HOME/tasks)."""
+
+    def action() -> None:
+        from vpt_cli.artifact import list_tasks, tasks_dir
+
+        found = list_tasks()
+        if as_json:
+            _print_json([{"name": info.name, "path": str(path), "backbone": info.backbone, "method": info.prompt.get("method"),
+                          "prompts": info.prompt.get("num_prompts"), "classes": info.classes, "metrics": info.metrics,
+                          "size_bytes": path.stat().st_size, "created": info.provenance.get("created")}
+                         for path, info in found])
+            return
+        if not found:
+            out.print(f"no tasks yet in {tasks_dir()} (train one with [bold]vpt train DATA --task NAME[/])")
+            return
+        table = Table(title=f"tasks in {tasks_dir()}", title_justify="left")
+        for column in ("name", "backbone", "method", "classes", "val top-1", "size", "created"):
+            table.add_column(column)
+        for path, info in found:
+            top1 = info.metrics.get("val_top1")
+            table.add_row(info.name, info.backbone, f"{info.prompt.get('method')} ({info.prompt.get('num_prompts')})",
+                          str(len(info.classes)), f"{top1:.3f}" if top1 is not None else "-",
+                          f"{path.stat().st_size / 1e3:.0f} KB", str(info.provenance.get("created", "-")))
+        out.print(table)
+
+    _run(action)
+
+
+def _path(value: Optional[Path]) -> Optional[str]:
+    return str(value) if value else None
