@@ -24,6 +24,16 @@ def tiny_backbone():
     return create_backbone(tiny_config(), pretrained=False)
 
 
+@pytest.fixture
+def tiny_weights(tiny_backbone, tmp_path):
+    """The tiny backbone saved as a local weights file, as a user would pass --backbone-weights."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own VPT_HOME so no test sees another's tasks (or the user's)."""

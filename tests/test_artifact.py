@@ -79,3 +79,16 @@ def test_registry_names_and_paths(isolated_home, tmp_path):
     save_task(make_task("cars"), resolve_task_path("cars"))
     (tasks_dir() / "broken.safetensors").write_bytes(b"junk")
     assert [info.name for _, info in list_tasks()] == ["birds", "cars"]
+
+
+def test_vit_b16_deep_task_is_under_one_percent_of_the_backbone(tmp_path):
+    from vpt_cli.backbones import create_backbone
+    from vpt_cli.config import BackboneConfig, PromptConfig
+    from vpt_cli.prompts import PromptedViT
+
+    backbone = create_backbone(BackboneConfig(name="vit_base_patch16_224"), pretrained=False)
+    model = PromptedViT(backbone.model, 200, PromptConfig(method="vpt-deep", num_prompts=10))
+    task = Task(info=make_task().info, tensors=model.task_state_dict())
+    size = save_task(task, tmp_path / "b16.safetensors").stat().st_size
+    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values())
+    assert size < 0.01 * backbone_bytes

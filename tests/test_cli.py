@@ -7,9 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vpt_cli.cli import app
@@ -18,13 +15,6 @@ from conftest import TINY_KWARGS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 runner = CliRunner()
-
-
-@pytest.fixture
-def tiny_weights(tiny_backbone, tmp_path):
-    path = tmp_path / "tiny_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
-    return path
 
 
 def tiny_flags(weights: Path) -> list[str]:

@@ -87,8 +87,8 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text(run_dir / "config.yaml", config.to_yaml())
     _write_text(run_dir / "skipped.txt", "".join(f"{f}\t{r}\n" for f, r in skipped))
-    for file, reason in skipped:
-        reporter.log(f"skipped {file}: {reason}")
+    if skipped:
+        reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
 
     backbone = create_backbone(config.backbone)
     device = pick_device(config.train.device)

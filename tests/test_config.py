@@ -1,0 +1,51 @@
+"""Config: defaults, YAML sections, CLI overrides on top, and clear errors."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from vpt_cli.config import RunConfig, load_config
+from vpt_cli.errors import UsageError
+
+
+def test_yaml_then_overrides_then_validation(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("prompt:\n  method: vpt-shallow\n  num_prompts: 50\ntrain:\n  lr: 0.5\n  epochs: 7\n")
+    config = load_config(path, {"train.lr": 0.1, "train.epochs": None})
+    assert config.prompt.method == "vpt-shallow" and config.prompt.num_prompts == 50
+    assert config.train.lr == 0.1  # the flag wins
+    assert config.train.epochs == 7  # an unset flag (None) does not mask the file
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = load_config(None, {"backbone.kwargs": {"depth": 2}, "data.val_split": 0.2})
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config
+    assert RunConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lrr: 1\n", "unknown config key 'train.lrr'"),
+    ("optim:\n  lr: 1\n", "unknown config section 'optim'"),
+    ("prompt:\n  method: lora\n", "prompt.method must be one of"),
+    ("train: 3\n", "must be a mapping"),
+    ("[1, 2", "not valid YAML"),
+])
+def test_bad_config_files_give_clear_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        load_config(path)
+
+
+def test_paper_defaults_and_resolved_values():
+    config = load_config()
+    assert config.backbone.name == "vit_base_patch16_224.augreg_in21k"
+    assert config.prompt.method == "vpt-deep" and config.prompt.num_prompts == 10
+    assert config.prompt.resolved_dropout == 0.1
+    sgd = load_config(None, {"train.optimizer": "sgd", "train.batch_size": 64})
+    assert sgd.train.resolved_lr() == pytest.approx(2.5 * 64 / 256)
+    assert sgd.train.resolved_warmup() == sgd.train.epochs // 10
+    with pytest.raises(UsageError, match="--prompts"):
+        load_config(None, {"prompt.num_prompts": 0})

@@ -1,0 +1,119 @@
+"""Training loop behaviour: schedule, parameter groups, probe init, selection, stopping, resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vpt_cli import api, engine
+from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
+from vpt_cli.errors import TrainingInterrupted
+from vpt_cli.prompts import PromptedViT
+
+from conftest import tiny_config
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def tiny_run(weights, **train) -> RunConfig:
+    config = RunConfig(backbone=tiny_config(weights=str(weights)), train=TrainConfig(**train))
+    config.prompt.num_prompts = 2
+    config.data.path = str(SAMPLE)
+    return config
+
+
+def test_warmup_then_cosine_to_zero():
+    factor = engine.warmup_cosine(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=1e-6)
+    assert factor(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(factor(s) >= factor(s + 1) for s in range(10, 100))
+
+
+def test_parameter_groups_follow_each_recipe(tiny_backbone):
+    model = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2))
+    adamw = engine.build_optimizer(model, TrainConfig(lr=0.01, head_lr=0.002, weight_decay=0.05))
+    groups = {g["name"]: g for g in adamw.param_groups}
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert set(groups) == {"prompts", "head.weight", "head.bias"}
+    assert (groups["prompts"]["lr"], groups["prompts"]["weight_decay"]) == (0.01, 0.0)
+    assert (groups["head.weight"]["lr"], groups["head.weight"]["weight_decay"]) == (0.002, 0.05)
+    assert groups["head.bias"]["weight_decay"] == 0.0
+    sgd = engine.build_optimizer(model, TrainConfig(optimizer="sgd", batch_size=128, weight_decay=1e-4))
+    groups = {g["name"]: g for g in sgd.param_groups}
+    assert sgd.defaults["momentum"] == 0.9
+    assert groups["prompts"]["lr"] == pytest.approx(2.5 * 128 / 256)
+    assert groups["prompts"]["weight_decay"] == 1e-4 and groups["head.bias"]["weight_decay"] == 0.0
+
+
+def test_linear_head_fit_solves_a_separable_problem():
+    torch.manual_seed(0)
+    centers = torch.randn(4, 16) * 3
+    labels = torch.arange(4).repeat(50)
+    features = centers[labels] + 0.3 * torch.randn(200, 16)
+    weight, bias = engine.fit_linear_head(features, labels, 4, weight_decay=1e-3)
+    assert ((features @ weight.T + bias).argmax(1) == labels).float().mean() == 1.0
+
+
+def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weights):
+    config = tiny_run(tiny_weights, epochs=2, lr=50.0, head_lr=50.0, patience=0)  # lr that wrecks the model
+    result = api.train(config, task="wrecked")
+    assert result.probe_val_acc is not None
+    assert result.val_report.top1 >= result.probe_val_acc - 1e-6
+
+
+def test_early_stopping_without_improvement(tiny_weights):
+    config = tiny_run(tiny_weights, epochs=10, lr=0.0, head_lr=0.0, patience=2)
+    result = api.train(config, task="flat")
+    assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 0
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_finishes(tiny_weights, monkeypatch):
+    real_epoch = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted_second_epoch)
+    config = tiny_run(tiny_weights, epochs=3, patience=0)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        api.train(config, task="resumable")
+    checkpoint = api.runs_dir("resumable") / "last.safetensors"
+    assert checkpoint.is_file()
+    assert not api.resolve_task_path("resumable").exists()  # no half-trained task is published
+
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    result = api.train(config, task="resumable", resume=True)
+    assert [h.epoch for h in result.history] == [1, 2, 3]
+    assert api.resolve_task_path("resumable").is_file()
+
+    changed = tiny_run(tiny_weights, epochs=5, patience=0)
+    with pytest.raises(engine.TaskError, match="other settings"):
+        api.train(changed, task="resumable", resume=True, force=True)
+
+
+def test_checkpoint_roundtrip_restores_weights_and_optimizer(tiny_backbone, tmp_path):
+    model = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2))
+    optimizer = engine.build_optimizer(model, TrainConfig())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    checkpoint = engine.Checkpoint(tmp_path / "last.safetensors")
+    checkpoint.save(model, model.task_state_dict(), optimizer, {"epoch": 4})
+    fresh = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2))
+    fresh_optimizer = engine.build_optimizer(fresh, TrainConfig())
+    best, state = checkpoint.load(fresh, fresh_optimizer)
+    assert state == {"epoch": 4}
+    assert torch.equal(fresh.prompts, model.prompts) and torch.equal(best["prompts"], model.prompts)
+    exp_avg = lambda opt: opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
+    assert torch.equal(exp_avg(fresh_optimizer), exp_avg(optimizer))
+
+
+def test_amp_training_runs_in_bfloat16_on_cpu(tiny_weights):
+    result = api.train(tiny_run(tiny_weights, epochs=1, amp=True), task="amp")
+    assert len(result.history) == 1 and result.history[0].train_loss == result.history[0].train_loss  # not NaN
