@@ -21,7 +21,7 @@ class RichReporter(Reporter):
         self.task_id = None
 
     def start(self, description: str, total: int | None) -> None:
-        if self.quiet:
+        if self.quiet or not self.console.is_terminal:  # bars only where they redraw in place
             return
         self.finish()
         self.progress = Progress(
