@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vpt_cli.errors import TaskError
+from vpt_cli.fileio import atomic_write
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vpt_task"
@@ -97,19 +97,6 @@ def load_task(path: Path) -> Task:
     except (SafetensorError, OSError, ValueError) as exc:
         raise TaskError(f"{path} is not a readable task file ({str(exc).splitlines()[0][:120]})") from None
     return Task(info=info, tensors=tensors, path=Path(path))
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def vpt_home() -> Path:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from vpt_cli.fileio import atomic_write
 
 TOP5_MIN_CLASSES = 5  # top-5 is reported only when there are at least five classes to rank
 
@@ -208,20 +208,6 @@ class MetricAccumulator:
         )
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_confusion_csv(report: EvalReport, path: Path) -> None:
     """Confusion matrix as CSV: header ``true\\pred,<classes>``, then one row per true class."""
     buffer = io.StringIO()
@@ -229,4 +215,4 @@ def write_confusion_csv(report: EvalReport, path: Path) -> None:
     writer.writerow(["true\\pred", *report.classes])
     for name, row in zip(report.classes, report.confusion):
         writer.writerow([name, *row])
-    _write_text_atomic(path, buffer.getvalue())
+    atomic_write(Path(path), lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8", newline=""))

@@ -7,8 +7,6 @@ two charts. Both writers replace the target atomically so a viewer never shows h
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
@@ -16,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vpt_cli.fileio import atomic_write
 from vpt_cli.metrics import EvalReport
 
 Color = tuple[int, int, int]
@@ -102,17 +101,7 @@ def _is_dark(color: Color) -> bool:
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Save via a temp file in the same folder and os.replace, so readers never see half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", optimize=True))
 
 
 def render_confusion_png(report: EvalReport, path: Path, title: str | None = None) -> None:
