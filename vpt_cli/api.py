@@ -5,6 +5,7 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import platform
@@ -22,11 +23,11 @@ from vpt_cli.artifact import (Task, TaskInfo, atomic_write, load_task, resolve_t
                               save_task, task_name_from)
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig
-from vpt_cli.data import (ImageDataset, ImageLoadError, build_transform, discover_splits, list_images,
-                          load_image, make_loader, scan_class_folders, validate_samples)
-from vpt_cli.engine import (Checkpoint, EpochStats, Reporter, autocast, evaluate as run_evaluation, fit,
+from vpt_cli.data import (ImageDataset, ImageLoadError, _auto_workers, build_transform, discover_splits,
+                          list_images, load_image, make_loader, scan_class_folders, validate_samples)
+from vpt_cli.engine import (Checkpoint, EpochStats, Reporter, evaluate as run_evaluation, fit,
                             pick_device, probe_init_head, seed_everything)
-from vpt_cli.errors import DataError, PredictError, TaskError
+from vpt_cli.errors import DataError, PredictError, TaskError, UsageError
 from vpt_cli.metrics import EvalReport, write_confusion_csv
 from vpt_cli.plots import render_confusion_png, render_history_png
 from vpt_cli.prompts import PromptedViT
@@ -235,19 +236,21 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
 @dataclass
 class Prediction:
     file: str
+    task: str
     top: list[tuple[str, float]]  # (class, probability), best first
 
 
 @dataclass
 class PredictResult:
-    task_name: str
-    predictions: list[Prediction]
+    tasks: list[str]
+    predictions: list[Prediction]  # by image, then in task order
     failures: list[tuple[str, str]]
     images_per_sec: float
+    num_images: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task_name,
-                "predictions": [{"file": p.file, "top": [{"class": c, "prob": s} for c, s in p.top]}
+        return {"task": self.tasks[0] if len(self.tasks) == 1 else None, "tasks": self.tasks,
+                "predictions": [{"file": p.file, "task": p.task, "top": [{"class": c, "prob": s} for c, s in p.top]}
                                 for p in self.predictions],
                 "failures": [{"file": f, "reason": r} for f, r in self.failures]}
 
@@ -275,48 +278,86 @@ def _collate_predict(batch: list) -> tuple[torch.Tensor | None, list[int], list[
     return images, [i for _, i in good], bad
 
 
-def predict(inputs: list[str], task: str | Path, top_k: int = 5, backbone_weights: str | None = None,
-            batch_size: int = 32, device: str = "auto", workers: int | None = None, amp: bool = False,
-            reporter: Reporter | None = None) -> PredictResult:
-    """Top-k classes for image files, folders and globs; unreadable inputs are reported, not fatal."""
+def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int = 5, backbone_weights: str | None = None,
+            batch_size: int | None = None, device: str = "auto", workers: int | None = None, amp: bool = False,
+            reporter: Reporter | None = None, tasks_from: str | Path | None = None) -> PredictResult:
+    """Top-k classes of each task for image files, folders and globs; unreadable inputs are reported, not fatal.
+
+    Several tasks share every batch: each image is paired with each of its tasks (all of `task`,
+    or its rows of the `tasks_from` CSV) and all pairs take one backbone pass. `batch_size`
+    counts pairs; None picks one for the device.
+    """
+    from vpt_cli.serving import load_tasks
+
     reporter = reporter or Reporter()
-    files, missing = list_images(inputs)
-    failures = [(arg, reason) for arg, reason in missing]
-    if not files:
-        raise PredictError(f"no images found in {', '.join(inputs)}" + (f" ({failures[0][1]})" if failures else ""))
-    loaded = load_for_inference(task, backbone_weights, device)
-    k = max(1, min(top_k, len(loaded.classes)))
-    dataset = _PredictDataset(files, build_transform(loaded.backbone.data_config, train=False))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_predict,
-                                         num_workers=_workers(workers, len(files)))
-    predictions: dict[int, Prediction] = {}
+    names = [str(task)] if isinstance(task, (str, Path)) else [str(t) for t in task]
+    if tasks_from is not None:
+        if inputs or names:
+            raise UsageError("give images with --task, or --tasks-from, not both")
+        files, requested, failures = _read_tasks_csv(Path(tasks_from))
+        names = list(dict.fromkeys(name for wanted in requested for name in wanted))
+        if not files:
+            raise PredictError(f"no readable rows in {tasks_from}" + (f" ({failures[0][1]})" if failures else ""))
+    else:
+        files, missing = list_images(inputs)
+        failures = list(missing)
+        if not files:
+            raise PredictError(f"no images found in {', '.join(inputs)}" + (f" ({failures[0][1]})" if failures else ""))
+        requested = [names] * len(files)
+    server = load_tasks(names, backbone_weights, device)
+    wanted = [[names.index(name) for name in row] for row in requested]
+    pairs_per_image = sum(map(len, wanted)) / len(wanted)
+    image_batch = max(1, round((batch_size or server.auto_batch_size()) / pairs_per_image))
+    dataset = _PredictDataset(files, server.transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=image_batch, shuffle=False, collate_fn=_collate_predict,
+                                         num_workers=_auto_workers(len(files)) if workers is None else workers)
+    predictions: list[Prediction] = []
+    read = 0
     started = time.perf_counter()
     reporter.start("predict", len(files))
-    with torch.inference_mode():
-        for images, indices, bad in loader:
-            failures.extend((str(files[i]), reason) for i, reason in bad)
-            if images is not None:
-                with autocast(loaded.device, amp):
-                    probs = loaded.model(images.to(loaded.device)).float().softmax(1).cpu()
-                values, classes = probs.topk(k, dim=1)
-                for row, index in enumerate(indices):
-                    predictions[index] = Prediction(str(files[index]), [
-                        (loaded.classes[c], float(v)) for v, c in zip(values[row].tolist(), classes[row].tolist())])
-            reporter.advance(len(indices) + len(bad))
+    for images, indices, bad in loader:
+        failures.extend((str(files[i]), reason) for i, reason in bad)
+        if images is not None:
+            rows = torch.tensor([row for row, index in enumerate(indices) for _ in wanted[index]])
+            task_index = torch.tensor([t for index in indices for t in wanted[index]])
+            answers = server.top_k(server.logits(images[rows], task_index, amp), task_index, max(1, top_k))
+            pairs = [(index, t) for index in indices for t in wanted[index]]
+            predictions += [Prediction(str(files[index]), server.names[t], top) for (index, t), top in zip(pairs, answers)]
+            read += len(indices)
+        reporter.advance(len(indices) + len(bad))
     reporter.finish()
     elapsed = time.perf_counter() - started
     if not predictions:
         raise PredictError(f"none of the {len(files)} inputs could be read (first: {failures[0][0]}: {failures[0][1]})")
-    ordered = [predictions[i] for i in sorted(predictions)]
-    return PredictResult(loaded.task.info.name, ordered, failures, len(ordered) / max(elapsed, 1e-9))
+    return PredictResult(server.names, predictions, failures, read / max(elapsed, 1e-9), read)
 
 
-def _workers(requested: int | None, items: int) -> int:
-    if requested is not None:
-        return requested
-    import os
+def _read_tasks_csv(path: Path) -> tuple[list[Path], list[list[str]], list[tuple[str, str]]]:
+    """`image,task` rows (header required; ';' separates several tasks in one cell) -> (files, tasks per file, failures).
 
-    return 0 if items < 64 else min(4, max(0, (os.cpu_count() or 1) - 1))
+    Relative image paths are relative to the CSV's folder, so the file can travel with its images.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read --tasks-from {path}: {exc}") from None
+    if not rows or not {"image", "task"} <= set(rows[0]):
+        raise UsageError(f"--tasks-from {path} needs a header with 'image' and 'task' columns")
+    by_file: dict[Path, list[str]] = {}
+    failures: list[tuple[str, str]] = []
+    for line, row in enumerate(rows, 2):
+        image, cell = (row.get("image") or "").strip(), (row.get("task") or "").strip()
+        tasks = [name.strip() for name in cell.split(";") if name.strip()]
+        if not image or not tasks:
+            raise UsageError(f"--tasks-from {path}, line {line}: needs an image and a task")
+        file = path.parent / Path(image).expanduser()
+        if not file.is_file():
+            failures.append((image, "no such file"))
+            continue
+        wanted = by_file.setdefault(file, [])
+        wanted += [name for name in tasks if name not in wanted]
+    return list(by_file), list(by_file.values()), failures
 
 
 def export(task: str | Path, fmt: str, output: str | Path, backbone_weights: str | None = None) -> Any:

@@ -239,40 +239,50 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
-    top_k: int = typer.Option(3, "--top-k", "-k", help="Classes to show per image."),
+    images: Optional[List[str]] = typer.Argument(None, help="Image files, folders (searched recursively) or glob patterns."),
+    task: List[str] = typer.Option([], "--task", "-t", help=TASK_HELP + " Repeat to answer several tasks for every image in shared batches (same backbone)."),
+    tasks_from: Optional[Path] = typer.Option(None, "--tasks-from", help="CSV with 'image' and 'task' columns: which tasks to answer for which image (instead of IMAGES and --task); image paths are relative to the CSV."),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="Classes to show per image and task."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv on stdout."),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    batch_size: Optional[int] = typer.Option(None, help="(image, task) pairs per forward pass. [default: auto]"),
     device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
     workers: Optional[int] = typer.Option(None, help="Image decoding processes. [default: auto]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
-    """Predict the classes of images. Exits non-zero only if no input could be read."""
+    """Predict the classes of images for one or more tasks. Exits non-zero only if no input could be read.
+
+    Example: [bold]vpt predict photos/ --task birds --task cars --format csv[/]
+    """
 
     def action() -> None:
         from vpt_cli import api
 
-        result = api.predict(images, task, top_k, _path(backbone_weights), batch_size, device.value, workers, amp,
-                             _reporter(quiet or output_format is not OutputFormat.table))
+        if tasks_from is None and not (images and task):
+            raise UsageError("give IMAGES and at least one --task, or --tasks-from FILE.csv")
+        if batch_size is not None and batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        result = api.predict(images or [], task, top_k, _path(backbone_weights), batch_size, device.value, workers, amp,
+                             _reporter(quiet or output_format is not OutputFormat.table), tasks_from=tasks_from)
         for file, reason in result.failures:
             err.print(f"[yellow]skipped[/] {file}: {reason}", highlight=False)
+        several = len(result.tasks) > 1
         if output_format is OutputFormat.json:
             _print_json(result.to_dict())
         elif output_format is OutputFormat.csv:
             writer = csv.writer(sys.stdout)
-            writer.writerow(["file", "rank", "class", "prob"])
+            writer.writerow(["file", *(["task"] if several else []), "rank", "class", "prob"])
             for prediction in result.predictions:
                 for rank, (name, prob) in enumerate(prediction.top, 1):
-                    writer.writerow([prediction.file, rank, name, f"{prob:.6f}"])
+                    writer.writerow([prediction.file, *([prediction.task] if several else []), rank, name, f"{prob:.6f}"])
         else:
             from vpt_cli.render import render_predictions
 
             render_predictions(out, result)
         if not quiet:
-            err.print(f"{len(result.predictions)} images, {result.images_per_sec:.1f} img/s", highlight=False)
+            tasks_note = f" x {len(result.tasks)} tasks ({len(result.predictions)} answers)" if several else ""
+            err.print(f"{result.num_images} images{tasks_note}, {result.images_per_sec:.1f} img/s", highlight=False)
 
     _run(action)
 

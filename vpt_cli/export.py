@@ -25,17 +25,21 @@ import torch
 from torch import nn
 
 from vpt_cli.errors import ExportError
+from vpt_cli.multitask import MultiTaskViT
 from vpt_cli.prompts import PromptedViT
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
+TASK_INPUT_NAME = "task_index"
 OUTPUT_NAME = "logits"
 # A single protobuf cannot hold more; bigger models would spill into external data files.
 _ONNX_MAX_BYTES = 2**31 - 1
 _CHECK_SEED = 0
 
-# Runs the exported file on a batch and returns its logits.
-Runner = Callable[[torch.Tensor], torch.Tensor]
+# Runs the exported file on a batch (images, then any further inputs) and returns its logits.
+Runner = Callable[..., torch.Tensor]
+# Inputs of one check batch, and the eager model's logits for them.
+CheckBatch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
 @dataclass
@@ -66,21 +70,48 @@ def export_model(
     Raises ExportError for an unknown format, an exporter failure or logits further than `atol`
     from eager.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format '{fmt}' (choose one of {', '.join(FORMATS)})")
-    if batch_for_check < 1:
-        raise ExportError("batch_for_check must be at least 1")
-    output = Path(output)
+    _check_request(fmt, batch_for_check)
     frozen = _export_copy(model)
-    batches = _check_batches(frozen, image_size, batch_for_check)
+    batches = _check_batches(frozen, sorted({1, batch_for_check}),
+                             lambda size, generator: (_random_images(size, image_size, generator),))
     # Traced with batch 2: a batch of 1 invites exporters to bake that size into the graph.
-    example = torch.zeros(2, 3, image_size, image_size)
+    example = (torch.zeros(2, 3, image_size, image_size),)
+    return _export_checked(frozen, example, batches, fmt, Path(output), opset, atol)
+
+
+def export_bundle(
+    model: MultiTaskViT,
+    image_size: int,
+    fmt: str,
+    output: Path,
+    *,
+    opset: int = 17,
+    atol: float = 1e-4,
+    batch_for_check: int = 3,
+) -> ExportResult:
+    """Export a multi-task bundle: inputs `images` and `task_index` (int64, one per image).
+
+    The graph holds the backbone once plus every task's stacked prompts and heads; logits have
+    the largest task's class count, padded classes are -inf. Checked like `export_model`, with
+    batches that mix every task.
+    """
+    _check_request(fmt, batch_for_check)
+    frozen = _export_copy(model)
+    batches = _check_batches(frozen, sorted({1, max(batch_for_check, model.num_tasks)}), lambda size, generator: (
+        _random_images(size, image_size, generator), torch.arange(size) % model.num_tasks))
+    example = (torch.zeros(2, 3, image_size, image_size), torch.arange(2) % model.num_tasks)
+    return _export_checked(frozen, example, batches, fmt, Path(output), opset, atol, (INPUT_NAME, TASK_INPUT_NAME))
+
+
+def _export_checked(model: nn.Module, example: tuple[torch.Tensor, ...], batches: list[CheckBatch], fmt: str,
+                    output: Path, opset: int, atol: float, input_names: tuple[str, ...] = (INPUT_NAME,)) -> ExportResult:
+    """Write `model` to a temporary file, compare it with eager on `batches`, then rename it to `output`."""
     with _temporary_sibling(output) as tmp:
         if fmt == "onnx":
-            _write_onnx(frozen, example, tmp, opset)
+            _write_onnx(model, example, tmp, opset, input_names)
             runner, checked_with = _onnx_runner(tmp)
         else:
-            _write_torchscript(frozen, example, tmp)
+            _write_torchscript(model, example, tmp)
             runner, checked_with = _torchscript_runner(tmp), "torch.jit"
         max_diff = None if runner is None else _max_abs_diff(runner, batches, atol, fmt)
         try:
@@ -96,7 +127,7 @@ def export_model(
     )
 
 
-def _export_copy(model: PromptedViT) -> PromptedViT:
+def _export_copy(model: nn.Module) -> nn.Module:
     """A CPU fp32 eval-mode copy without grads, so export never changes the caller's model."""
     frozen = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     frozen.eval()
@@ -104,23 +135,32 @@ def _export_copy(model: PromptedViT) -> PromptedViT:
     return frozen
 
 
-def _check_batches(
-    model: PromptedViT, image_size: int, batch_for_check: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Seeded random inputs with their eager logits; a model that cannot run them fails early."""
+def _check_request(fmt: str, batch_for_check: int) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}' (choose one of {', '.join(FORMATS)})")
+    if batch_for_check < 1:
+        raise ExportError("batch_for_check must be at least 1")
+
+
+def _random_images(size: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(size, 3, image_size, image_size, generator=generator)
+
+
+def _check_batches(model: nn.Module, sizes: list[int],
+                   make_inputs: Callable[[int, torch.Generator], tuple[torch.Tensor, ...]]) -> list[CheckBatch]:
+    """Seeded random inputs of each size with their eager logits; a model that cannot run them fails early."""
     generator = torch.Generator().manual_seed(_CHECK_SEED)
-    sizes = sorted({1, batch_for_check})
     batches = []
     for size in sizes:
-        images = torch.randn(size, 3, image_size, image_size, generator=generator)
+        inputs = make_inputs(size, generator)
         try:
             with torch.no_grad():
-                logits = model(images)
+                logits = model(*inputs)
         except Exception as exc:
             raise ExportError(
-                f"the model does not run on a ({size}, 3, {image_size}, {image_size}) batch: {_one_line(exc)}"
+                f"the model does not run on a {tuple(inputs[0].shape)} batch: {_one_line(exc)}"
             ) from None
-        batches.append((images, logits))
+        batches.append((inputs, logits))
     return batches
 
 
@@ -148,7 +188,8 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _write_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int,
+                input_names: tuple[str, ...]) -> None:
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if size > _ONNX_MAX_BYTES:
         raise ExportError(
@@ -159,12 +200,12 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int)
         with _quiet(), torch.no_grad():
             torch.onnx.export(
                 model,
-                (example,),
+                example,
                 str(path),
                 dynamo=False,
-                input_names=[INPUT_NAME],
+                input_names=list(input_names),
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamic_axes={name: {0: "batch"} for name in (*input_names, OUTPUT_NAME)},
                 opset_version=opset,
             )
     except Exception as exc:
@@ -184,14 +225,16 @@ def _onnx_runner(path: Path) -> tuple[Runner | None, str]:
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot load the exported model: {_one_line(exc)}") from None
 
-    def run(images: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
+    names = [node.name for node in session.get_inputs()]
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        (logits,) = session.run([OUTPUT_NAME], {name: value.numpy() for name, value in zip(names, inputs)})
         return torch.from_numpy(logits)
 
     return run, f"onnxruntime {onnxruntime.__version__}"
 
 
-def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
     try:
         with _quiet(), torch.no_grad():
             # check_trace would re-run and compare with its own tolerance; our check follows.
@@ -209,19 +252,23 @@ def _torchscript_runner(path: Path) -> Runner:
     except Exception as exc:
         raise ExportError(f"the saved TorchScript file cannot be loaded: {_one_line(exc)}") from None
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
         with _quiet(), torch.no_grad():
-            return loaded(images)
+            return loaded(*inputs)
 
     return run
 
 
-def _max_abs_diff(runner: Runner, batches: list[tuple[torch.Tensor, torch.Tensor]], atol: float, fmt: str) -> float:
-    """Largest |exported - eager| over all check batches; over `atol` (or NaN) is an ExportError."""
+def _max_abs_diff(runner: Runner, batches: list[CheckBatch], atol: float, fmt: str) -> float:
+    """Largest |exported - eager| over all check batches; over `atol` (or NaN) is an ExportError.
+
+    Equal values count as no difference, so matching infinities (a bundle's padded classes) pass.
+    """
     worst = 0.0
-    for images, expected in batches:
+    for inputs, expected in batches:
+        images = inputs[0]
         try:
-            actual = runner(images)
+            actual = runner(*inputs)
         except Exception as exc:
             raise ExportError(
                 f"the exported {fmt} model fails on a batch of {images.shape[0]}: {_one_line(exc)}"
@@ -231,7 +278,8 @@ def _max_abs_diff(runner: Runner, batches: list[tuple[torch.Tensor, torch.Tensor
                 f"the exported {fmt} model returns shape {tuple(actual.shape)} for a batch of "
                 f"{images.shape[0]}, expected {tuple(expected.shape)}"
             )
-        diff = (actual.float() - expected).abs().max().item()
+        actual = actual.float()
+        diff = torch.where(actual == expected, 0.0, (actual - expected).abs()).max().item()
         if not diff <= atol:  # also catches NaN
             raise ExportError(
                 f"the exported {fmt} model differs from eager by {diff:.3g} at batch {images.shape[0]} "

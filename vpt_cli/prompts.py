@@ -28,6 +28,14 @@ def prompt_init_bound(patch_size: int, prompt_dim: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size * patch_size + prompt_dim))
 
 
+def embed_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Prefix and patch tokens with position embeddings: the sequence prompts are spliced into."""
+    x = backbone.patch_embed(images)
+    x = backbone._pos_embed(x)
+    x = backbone.patch_drop(x)
+    return backbone.norm_pre(x)
+
+
 def encode_with_prompts(
     backbone: nn.Module, images: torch.Tensor, prompt_source: PromptSource, num_prompts: int
 ) -> torch.Tensor:
@@ -37,10 +45,7 @@ def encode_with_prompts(
     non-None result replaces the `num_prompts` tokens there (VPT-deep). Shared by single-task
     and mixed-task models, which differ only in where each sample's prompts come from.
     """
-    x = backbone.patch_embed(images)
-    x = backbone._pos_embed(x)
-    x = backbone.patch_drop(x)
-    x = backbone.norm_pre(x)
+    x = embed_tokens(backbone, images)
     prefix = backbone.num_prefix_tokens
     for index, block in enumerate(backbone.blocks):
         prompts = prompt_source(index, x.shape[0]) if num_prompts else None

@@ -51,11 +51,15 @@ def render_eval(console: Console, result: EvalResult) -> None:
 
 
 def render_predictions(console: Console, result: PredictResult) -> None:
+    several = len(result.tasks) > 1
     k = max((len(p.top) for p in result.predictions), default=1)
-    table = Table(title=f"{result.task_name}: predictions", title_justify="left")
+    table = Table(title=f"{', '.join(result.tasks)}: predictions", title_justify="left")
     table.add_column("image")
+    if several:
+        table.add_column("task")
     for rank in range(1, k + 1):
         table.add_column(f"#{rank}")
     for prediction in result.predictions:
-        table.add_row(prediction.file, *[f"{name} [dim]{prob:.2f}[/]" for name, prob in prediction.top])
+        table.add_row(prediction.file, *([prediction.task] if several else []),
+                      *[f"{name} [dim]{prob:.2f}[/]" for name, prob in prediction.top])
     console.print(table)

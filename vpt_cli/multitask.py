@@ -1,0 +1,113 @@
+"""Several VPT tasks on one frozen backbone, mixed freely inside one batch.
+
+Tasks differ only in their prompt tokens and heads, so a batch can carry a task index per sample
+and still take ONE backbone pass. Each sample gets exactly what its task's PromptedViT would give
+it (shared/docs/vpt-method.md), including when tasks differ in prompt length or deep/shallow:
+
+* Prompt lengths: every sample gets `max_prompts` prompt slots; a shorter task's unused slots
+  are padding that a key mask hides from attention, and that is stripped before pooling (so an
+  average-pooling backbone averages exactly the task's own tokens). With one length, no mask.
+* Deep/shallow: before blocks 1..L-1, deep samples get their layer's prompts; shallow samples
+  keep the previous block's prompt outputs (a per-sample select, exact).
+* Heads: all heads are stacked into one matrix (padded classes have weight 0 and bias -inf, so
+  their probability is exactly 0); each sample keeps its own task's logits.
+
+Only the forward of the frozen model lives here; loading tasks is vpt_cli.serving's job.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vpt_cli.prompts import PromptedViT, embed_tokens
+
+
+class MultiTaskViT(nn.Module):
+    """Inference-only mix of tasks trained on the same backbone: `forward(images, task_index)`.
+
+    Built from eval-mode PromptedViTs that share `backbone`; their prompts (already projected)
+    and heads are copied into stacked buffers, so the task models themselves are not kept.
+    Logits have `max_classes` columns; columns past a task's class count are -inf.
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: list[PromptedViT]):
+        super().__init__()
+        if not tasks:
+            raise ValueError("a MultiTaskViT needs at least one task")
+        if any(task.backbone is not backbone for task in tasks):
+            raise ValueError("every task model must be built on the shared backbone")
+        self.backbone = backbone
+        depth, width = len(backbone.blocks), backbone.embed_dim
+        lengths = [task.num_prompts for task in tasks]
+        deep = [task.deep and task.num_prompts > 0 for task in tasks]
+        self.max_prompts = max(lengths)
+        self.distinct_lengths = sorted(set(lengths))
+        self.any_deep, self.all_deep = any(deep), all(deep)
+        bank = torch.zeros(len(tasks), depth, self.max_prompts, width)
+        num_classes = [task.head.out_features for task in tasks]
+        self.max_classes = max(num_classes)
+        weight = torch.zeros(len(tasks), self.max_classes, backbone.num_features)
+        bias = torch.full((len(tasks), self.max_classes), float("-inf"))
+        with torch.no_grad():
+            for t, task in enumerate(tasks):
+                task.eval()  # no prompt dropout: the prompts a single-task forward would use
+                for layer in range(depth if task.deep else 1):
+                    tokens = task.layer_prompts(layer, 1) if task.num_prompts else None
+                    if tokens is not None:
+                        bank[t, layer, : task.num_prompts] = tokens[0]
+                weight[t, : num_classes[t]] = task.head.weight
+                bias[t, : num_classes[t]] = task.head.bias
+        self.register_buffer("prompt_bank", bank)  # (T, L, max_prompts, D)
+        self.register_buffer("prompt_lengths", torch.tensor(lengths))
+        self.register_buffer("deep", torch.tensor(deep))
+        self.register_buffer("num_classes", torch.tensor(num_classes))
+        self.register_buffer("head_weight", weight.flatten(0, 1))  # (T * max_classes, F)
+        self.register_buffer("head_bias", bias.flatten())
+        self.num_tasks = len(tasks)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "MultiTaskViT":
+        """Always eval: this model only serves frozen tasks."""
+        return super().train(False)
+
+    def forward_features(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass."""
+        backbone, slots = self.backbone, self.max_prompts
+        x = embed_tokens(backbone, images)
+        prefix = backbone.num_prefix_tokens
+        bank = self.prompt_bank.index_select(0, task_index).to(x.dtype)  # (B, L, slots, D)
+        lengths = self.prompt_lengths.index_select(0, task_index)
+        mask = None
+        if len(self.distinct_lengths) > 1:
+            patches = x.shape[1] - prefix
+            keep = torch.arange(slots, device=x.device) < lengths[:, None]
+            ones = keep.new_ones(keep.shape[0], prefix + patches)
+            mask = torch.cat([ones[:, :prefix], keep, ones[:, prefix:]], dim=1)[:, None, None, :]
+        deep = self.deep.index_select(0, task_index)[:, None, None]
+        for index, block in enumerate(backbone.blocks):
+            if slots and index == 0:
+                x = torch.cat([x[:, :prefix], bank[:, 0], x[:, prefix:]], dim=1)
+            elif slots and self.any_deep:
+                current = x[:, prefix : prefix + slots]
+                prompts = bank[:, index] if self.all_deep else torch.where(deep, bank[:, index], current)
+                x = torch.cat([x[:, :prefix], prompts, x[:, prefix + slots :]], dim=1)
+            x = block(x) if mask is None else block(x, attn_mask=mask)
+        x = backbone.norm(x)
+        if mask is None:
+            return backbone.forward_head(x, pre_logits=True)
+        pooled = None
+        for length in self.distinct_lengths:  # pool each length without its padding slots
+            own = backbone.forward_head(torch.cat([x[:, : prefix + length], x[:, prefix + slots :]], dim=1),
+                                        pre_logits=True)
+            pooled = own if pooled is None else torch.where((lengths == length)[:, None], own, pooled)
+        return pooled
+
+    def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """(B, max_classes) logits of each sample's own task; padded classes are -inf."""
+        features = self.forward_features(images, task_index)
+        every_head = F.linear(features, self.head_weight.to(features.dtype), self.head_bias.to(features.dtype))
+        every_head = every_head.unflatten(1, (self.num_tasks, self.max_classes))
+        picked = task_index[:, None, None].expand(-1, 1, self.max_classes)
+        return every_head.gather(1, picked).squeeze(1)
