@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig
 from vpt_cli.data import (ImageDataset, ImageLoadError, _auto_workers, build_transform, discover_splits,
                           list_images, load_image, make_loader, scan_class_folders, validate_samples)
-from vpt_cli.engine import (Checkpoint, EpochStats, Reporter, evaluate as run_evaluation, fit,
+from vpt_cli.engine import (Checkpoint, EpochStats, FitResult, Reporter, evaluate as run_evaluation, fit,
                             pick_device, probe_init_head, seed_everything)
 from vpt_cli.errors import DataError, PredictError, TaskError, UsageError
 from vpt_cli.metrics import EvalReport, write_confusion_csv
@@ -66,16 +66,44 @@ class TrainResult:
         }
 
 
-def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None) -> TrainResult:
-    """Train a task on `config.data.path` and save it to the registry (or to a task file path)."""
-    reporter = reporter or Reporter()
+STORED_TENSORS = {"vpt-deep": "prompts + head", "vpt-shallow": "prompts + head", "linear": "head",
+                  "full": "every backbone weight (fine-tuned) + head"}
+
+
+@dataclass
+class PreparedRun:
+    """What any training on a folder needs, made once: checked data, loaders, backbone, run folder.
+
+    `train` uses one per run; a sweep shares one across all its trials (same data, same frozen
+    backbone), so the folder is scanned and the backbone loaded only once.
+    """
+
+    config: RunConfig
+    task_path: Path
+    name: str
+    classes: list[str]
+    split_source: str
+    num_train: int
+    num_val: int
+    skipped: list[tuple[str, str]]
+    run_dir: Path
+    backbone: Backbone
+    device: torch.device
+    train_loader: Any
+    probe_loader: Any
+    val_loader: Any | None
+
+
+def prepare_run(config: RunConfig, task: str | None, replace: bool, reporter: Reporter) -> PreparedRun:
+    """Validate `config`, scan and check the data, load the backbone and build the loaders.
+
+    Refuses an existing task unless `replace`, before any expensive work.
+    """
     config.validate()
-    started = time.perf_counter()
     data_root = Path(config.data.path)
     task_path = resolve_task_path(task or data_root.resolve().name)
     name = task_name_from(task_path)
-    if task_path.exists() and not force and not resume:
+    if task_path.exists() and not replace:
         raise TaskError(f"task '{name}' already exists at {task_path}; pass --force to overwrite it")
     seed_everything(config.train.seed)
     splits = discover_splits(data_root, config.data.val_split, config.train.seed)
@@ -92,8 +120,6 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
         reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
 
     backbone = create_backbone(config.backbone)
-    device = pick_device(config.train.device)
-    model = PromptedViT(backbone.model, len(splits.classes), config.prompt)
     workers = config.data.workers
     batch = config.train.batch_size
     eval_transform = build_transform(backbone.data_config, train=False)
@@ -101,45 +127,66 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
                                batch, shuffle=True, workers=workers, seed=config.train.seed, drop_last=len(train_samples) > batch)
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
     val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
+    return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), len(val_samples),
+                       skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader)
+
+
+def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
+          reporter: Reporter | None = None) -> TrainResult:
+    """Train a task on `config.data.path` and save it to the registry (or to a task file path)."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    run = prepare_run(config, task, force or resume, reporter)
+    model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
     if config.prompt.method == "linear":
-        model.to(device)
-        probe_acc = probe_init_head(model, probe_loader, val_loader, device, config.train.amp, reporter)
-        report = run_evaluation(model, val_loader, splits.classes, device, config.train.amp, reporter, "val") if val_loader else None
-        history, best_epoch, stopped, speed = [], 0, False, 0.0
+        model.to(run.device)
+        probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter)
+        report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val")
+                  if run.val_loader else None)
+        result = FitResult([], 0, report, False, 0.0, probe_acc)
     else:
         run_key = hashlib.sha256(json.dumps({k: v for k, v in config.to_dict().items() if k != "train"} |
                                             {"epochs": config.train.epochs}, sort_keys=True).encode()).hexdigest()[:16]
-        result = fit(model, train_loader, val_loader, probe_loader, splits.classes, config.train, device,
-                     Checkpoint(run_dir / "last.safetensors"), reporter, resume=resume, run_fingerprint=run_key)
-        report, history, best_epoch = result.best_report, result.history, result.best_epoch
-        stopped, speed, probe_acc = result.stopped_early, result.train_images_per_sec, result.probe_val_acc
+        result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train, run.device,
+                     Checkpoint(run.run_dir / "last.safetensors"), reporter, resume=resume, run_fingerprint=run_key)
+    return save_trained(run, model, config, result, started)
 
+
+def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result: FitResult, started: float,
+                 extra_provenance: dict[str, Any] | None = None) -> TrainResult:
+    """Write the task file (its metadata says what it stores and how it was made) and the run's
+    history; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
+    report, history = result.best_report, result.history
     info = TaskInfo(
-        name=name, backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
-        img_size=backbone.img_size, data_config=_jsonable(backbone.data_config), prompt=asdict(config.prompt),
-        classes=splits.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=backbone.weights,
+        name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
+        img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
+        classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
         metrics=_summary(report),
         provenance={
-            "data": str(data_root.resolve()), "split": splits.source, "num_train": len(train_samples),
-            "num_val": len(val_samples), "skipped": len(skipped), "seed": config.train.seed,
-            "best_epoch": best_epoch, "epochs_run": len(history), "config": config.to_dict(),
+            "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
+            "num_val": run.num_val, "skipped": len(run.skipped), "seed": config.train.seed,
+            "stores": STORED_TENSORS[config.prompt.method],
+            "best_epoch": result.best_epoch, "epochs_run": len(history), "config": config.to_dict(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"vpt_cli": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},
+            **(extra_provenance or {}),
         },
     )
     saved = Task(info=info, tensors=model.task_state_dict())
-    save_task(saved, task_path, force=force or resume)
-    _write_text(run_dir / "history.json", json.dumps([asdict(h) for h in history], indent=1))
+    save_task(saved, run.task_path, force=True)  # prepare_run already refused an unwanted overwrite
+    _write_text(run.run_dir / "history.json", json.dumps([asdict(h) for h in history], indent=1))
     if history:
-        render_history_png([asdict(h) for h in history], run_dir / "history.png")
+        render_history_png([asdict(h) for h in history], run.run_dir / "history.png")
     trainable = sum(p.numel() for group in model.trainable_parameters().values() for p in group)
     return TrainResult(
-        task_path=task_path, task_name=name, classes=splits.classes, val_report=report, history=history,
-        best_epoch=best_epoch, stopped_early=stopped, train_images_per_sec=speed, probe_val_acc=probe_acc,
-        num_train=len(train_samples), num_val=len(val_samples), skipped=skipped, trainable_params=trainable,
-        task_bytes=saved.size_bytes, backbone_bytes=sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values()),
-        run_dir=run_dir, seconds=time.perf_counter() - started,
+        task_path=run.task_path, task_name=run.name, classes=run.classes, val_report=report, history=history,
+        best_epoch=result.best_epoch, stopped_early=result.stopped_early,
+        train_images_per_sec=result.train_images_per_sec, probe_val_acc=result.probe_val_acc,
+        num_train=run.num_train, num_val=run.num_val, skipped=run.skipped, trainable_params=trainable,
+        task_bytes=saved.size_bytes,
+        backbone_bytes=sum(t.numel() * t.element_size() for t in run.backbone.model.state_dict().values()),
+        run_dir=run.run_dir, seconds=time.perf_counter() - started,
     )
 
 

@@ -109,7 +109,10 @@ def build_optimizer(model: PromptedViT, config: TrainConfig) -> torch.optim.Opti
     """Parameter groups with their own lr / weight decay.
 
     AdamW (default): prompts at `lr` without weight decay, head at `head_lr` with it. SGD (the
-    paper): momentum 0.9, decay on everything but the head bias. Head biases never decay.
+    paper): momentum 0.9, decay on everything but the head bias. Head biases never decay. A full
+    fine-tune trains the backbone at `lr` if given, else FULL_FINETUNE_LR: pretrained weights
+    need a far smaller step than a freshly initialised head. Frozen weights get no group, so
+    no gradient or optimiser state is ever allocated for them.
     """
     adamw = config.optimizer == "adamw"
     groups = []
@@ -117,7 +120,7 @@ def build_optimizer(model: PromptedViT, config: TrainConfig) -> torch.optim.Opti
         if not param.requires_grad:
             continue
         if name.startswith("backbone."):
-            lr, decay = config.lr or FULL_FINETUNE_LR, config.weight_decay
+            lr, decay = config.lr if config.lr is not None else FULL_FINETUNE_LR, config.weight_decay
         elif name.startswith("head."):
             lr, decay = config.resolved_head_lr(), 0.0 if name.endswith("bias") else config.weight_decay
         else:
@@ -298,6 +301,106 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+class TrainingRun:
+    """One training run that advances an epoch at a time, keeping its best-on-val weights.
+
+    `fit` drives one run to the end; a sweep (vpt_cli.sweep) interleaves many runs and stops the
+    hopeless ones between epochs. The best key is (val top-1, -val loss); the starting point
+    (the probe-initialised head) is a candidate too, so a run never ends below the probe.
+    """
+
+    def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
+                 config: TrainConfig, device: torch.device, reporter: Reporter, run_fingerprint: str = ""):
+        self.model, self.train_loader, self.val_loader = model.to(device), train_loader, val_loader
+        self.classes, self.config, self.device, self.reporter = classes, config, device, reporter
+        self.optimizer = build_optimizer(model, config)
+        steps_per_epoch = max(1, len(train_loader))
+        schedule = warmup_cosine(config.epochs * steps_per_epoch, config.resolved_warmup() * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype(device) == torch.float16)
+        self.history: list[EpochStats] = []
+        self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_key": None, "since_best": 0,
+                                      "history": [], "probe_val_acc": None, "run": run_fingerprint}
+        self.best_state = self._snapshot()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.task_state_dict().items()}
+
+    def start(self, probe_loader: Any | None, start_from: tuple[dict[str, torch.Tensor], float | None] | None = None) -> None:
+        """Initialise the head (probe fit on `probe_loader`, or a shared `start_from` = (weights,
+        probe acc)) and score the starting point on val."""
+        if start_from is not None:
+            self.model.load_task_state_dict(start_from[0])
+            self.state["probe_val_acc"] = start_from[1]
+        elif self.config.head_init == "probe":
+            self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
+                                                          self.config.amp, self.reporter)
+        self.best_state = self._snapshot()
+        if self.val_loader:
+            start = evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val")
+            self.state["best_key"] = [start.top1, -(start.loss or 0.0)]
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Continue from `checkpoint`, which must come from the same run settings."""
+        self.best_state, state = checkpoint.load(self.model, self.optimizer)
+        if state.get("run") != self.state["run"]:
+            raise TaskError("the checkpoint was made with other settings; rerun without --resume (and with --force)")
+        self.state = state
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.scheduler.last_epoch = state["epoch"] * max(1, len(self.train_loader))
+        self.reporter.log(f"resuming after epoch {state['epoch']}")
+
+    @property
+    def epoch(self) -> int:
+        return self.state["epoch"]
+
+    @property
+    def best_key(self) -> tuple[float, float] | None:
+        return tuple(self.state["best_key"]) if self.state["best_key"] is not None else None
+
+    @property
+    def should_stop(self) -> bool:
+        """All epochs done, or no val improvement for `patience` epochs."""
+        patience = self.config.patience
+        return self.epoch >= self.config.epochs or bool(
+            patience and self.val_loader and self.state["since_best"] >= patience)
+
+    def run_epoch(self) -> EpochStats:
+        """Train one epoch, score it on val and keep it if it is the best so far."""
+        epoch, config = self.epoch + 1, self.config
+        started = time.perf_counter()
+        loss, acc, speed = train_one_epoch(self.model, self.train_loader, self.optimizer, self.scheduler, self.device,
+                                           config.amp, self.scaler, self.reporter, f"epoch {epoch}/{config.epochs}")
+        report = (evaluate(self.model, self.val_loader, self.classes, self.device, config.amp, self.reporter, "val")
+                  if self.val_loader else None)
+        key = (report.top1, -(report.loss or 0.0)) if report else (float(epoch), 0.0)
+        is_best = self.best_key is None or key > self.best_key
+        if is_best:
+            self.state.update(best_key=list(key), best_epoch=epoch, since_best=0)
+            self.best_state = self._snapshot()
+        else:
+            self.state["since_best"] += 1
+        stats = EpochStats(epoch, config.epochs, loss, acc, report.top1 if report else None,
+                           report.loss if report else None, self.optimizer.param_groups[0]["lr"], speed,
+                           time.perf_counter() - started, is_best)
+        self.history.append(stats)
+        self.state.update(epoch=epoch, history=[asdict(h) for h in self.history])
+        self.reporter.epoch_end(stats)
+        return stats
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        checkpoint.save(self.model, self.best_state, self.optimizer, self.state)
+
+    def finish(self, stopped_early: bool) -> FitResult:
+        """Load the best weights into the model and score them on val once more."""
+        self.model.load_task_state_dict(self.best_state)
+        best_report = (evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter,
+                                "val") if self.val_loader else None)
+        speeds = [h.images_per_sec for h in self.history]
+        return FitResult(self.history, self.state["best_epoch"], best_report, stopped_early,
+                         sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"])
+
+
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
         config: TrainConfig, device: torch.device, checkpoint: Checkpoint, reporter: Reporter,
         resume: bool = False, run_fingerprint: str = "") -> FitResult:
@@ -306,62 +409,21 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
     Ctrl-C saves the current state and raises TrainingInterrupted; `resume=True` continues from
     the checkpoint (which must come from the same run settings, `run_fingerprint`).
     """
-    model.to(device)
-    optimizer = build_optimizer(model, config)
-    steps_per_epoch = max(1, len(train_loader))
-    schedule = warmup_cosine(config.epochs * steps_per_epoch, config.resolved_warmup() * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype(device) == torch.float16)
-    history: list[EpochStats] = []
-    state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_key": None, "since_best": 0,
-                             "history": [], "probe_val_acc": None, "run": run_fingerprint}
-    best_state = {k: v.clone() for k, v in model.task_state_dict().items()}
+    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, run_fingerprint)
     if resume:
-        best_state, state = checkpoint.load(model, optimizer)
-        if state.get("run") != run_fingerprint:
-            raise TaskError("the checkpoint was made with other settings; rerun without --resume (and with --force)")
-        history = [EpochStats(**h) for h in state["history"]]
-        scheduler.last_epoch = state["epoch"] * steps_per_epoch
-        reporter.log(f"resuming after epoch {state['epoch']}")
+        run.resume(checkpoint)
     else:
-        if config.head_init == "probe":
-            state["probe_val_acc"] = probe_init_head(model, probe_loader, val_loader, device, config.amp, reporter)
-            best_state = {k: v.clone() for k, v in model.task_state_dict().items()}
-        if val_loader:  # the starting point is a candidate too: training never ends below the probe
-            start = evaluate(model, val_loader, classes, device, config.amp, reporter, "val")
-            state["best_key"] = [start.top1, -(start.loss or 0.0)]
-    stopped_early = False
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        run.start(probe_loader)
+    while not run.should_stop:
         try:
-            started = time.perf_counter()
-            loss, acc, speed = train_one_epoch(model, train_loader, optimizer, scheduler, device, config.amp,
-                                               scaler, reporter, f"epoch {epoch}/{config.epochs}")
-            report = evaluate(model, val_loader, classes, device, config.amp, reporter, "val") if val_loader else None
+            run.run_epoch()
         except KeyboardInterrupt:
-            checkpoint.save(model, best_state, optimizer, state)
+            run.save(checkpoint)
             raise TrainingInterrupted(
-                f"interrupted in epoch {epoch}; state saved to {checkpoint.path}, continue with --resume"
+                f"interrupted in epoch {run.epoch + 1}; state saved to {checkpoint.path}, continue with --resume"
             ) from None
-        key = (report.top1, -(report.loss or 0.0)) if report else (float(epoch), 0.0)
-        is_best = state["best_key"] is None or tuple(key) > tuple(state["best_key"])
-        if is_best:
-            state.update(best_key=list(key), best_epoch=epoch, since_best=0)
-            best_state = {k: v.clone() for k, v in model.task_state_dict().items()}
-        else:
-            state["since_best"] += 1
-        stats = EpochStats(epoch, config.epochs, loss, acc, report.top1 if report else None,
-                           report.loss if report else None, optimizer.param_groups[0]["lr"], speed,
-                           time.perf_counter() - started, is_best)
-        history.append(stats)
-        state.update(epoch=epoch, history=[asdict(h) for h in history])
-        checkpoint.save(model, best_state, optimizer, state)
-        reporter.epoch_end(stats)
-        if config.patience and val_loader and state["since_best"] >= config.patience and epoch < config.epochs:
-            reporter.log(f"early stop: no val improvement for {config.patience} epochs")
-            stopped_early = True
-            break
-    model.load_task_state_dict(best_state)
-    best_report = evaluate(model, val_loader, classes, device, config.amp, reporter, "val") if val_loader else None
-    speeds = [h.images_per_sec for h in history]
-    return FitResult(history, state["best_epoch"], best_report, stopped_early,
-                     sum(speeds) / len(speeds) if speeds else 0.0, state["probe_val_acc"])
+        run.save(checkpoint)
+    stopped_early = run.epoch < config.epochs
+    if stopped_early:
+        reporter.log(f"early stop: no val improvement for {config.patience} epochs")
+    return run.finish(stopped_early)

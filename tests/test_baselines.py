@@ -1,0 +1,82 @@
+"""The baselines in the same engine: linear probe and full fine-tuning, end to end on tiny models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vpt_cli import api, engine
+from vpt_cli.artifact import read_task_info
+from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
+from vpt_cli.prompts import PromptedViT
+
+from conftest import tiny_config
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@pytest.fixture
+def tiny_weights(tiny_backbone, tmp_path):
+    path = tmp_path / "tiny_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
+    return path
+
+
+def run_config(weights: Path, method: str, **train) -> RunConfig:
+    config = RunConfig(backbone=tiny_config(weights=str(weights)), train=TrainConfig(**train))
+    config.prompt = PromptConfig(method=method, num_prompts=2)
+    config.data.path = str(SAMPLE)
+    config.data.workers = 0  # loader processes cost more than they save on 220 tiny images
+    return config
+
+
+def test_full_finetune_groups_give_the_backbone_a_lower_lr(tiny_backbone):
+    model = PromptedViT(tiny_backbone.model, 3, PromptConfig(method="full"))
+    groups = {g["name"]: g for g in engine.build_optimizer(model, TrainConfig()).param_groups}
+    backbone = [g for name, g in groups.items() if name.startswith("backbone.")]
+    assert len(backbone) == sum(1 for _ in tiny_backbone.model.parameters())
+    assert {g["lr"] for g in backbone} == {engine.FULL_FINETUNE_LR}
+    assert engine.FULL_FINETUNE_LR < groups["head.weight"]["lr"] / 10
+    explicit = engine.build_optimizer(model, TrainConfig(lr=1e-4)).param_groups
+    assert {g["lr"] for g in explicit if g["name"].startswith("backbone.")} == {1e-4}
+
+
+def test_frozen_methods_allocate_no_state_for_the_backbone(tiny_backbone):
+    model = PromptedViT(tiny_backbone.model, 3, PromptConfig(method="vpt-deep", num_prompts=2))
+    optimizer = engine.build_optimizer(model, TrainConfig())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    assert all(p.grad is None for p in tiny_backbone.model.parameters())
+    assert not any(name.startswith("backbone.") for name in (g["name"] for g in optimizer.param_groups))
+
+
+def test_full_finetune_trains_saves_and_reloads_every_backbone_weight(tiny_weights, tmp_path):
+    # A zero head starts at chance, so the trained epoch (not the untouched start) is kept.
+    result = api.train(run_config(tiny_weights, "full", epochs=1, lr=1e-3, head_init="zeros"), task="full")
+    assert result.best_epoch == 1
+    original = api.create_backbone(tiny_config(weights=str(tiny_weights))).model
+    pretrained = original.state_dict()
+    saved = api.load_task(result.task_path).tensors
+    backbone_keys = {k for k in saved if k.startswith("backbone.")}
+    assert backbone_keys == {f"backbone.{k}" for k in pretrained}
+    assert any(not torch.equal(saved[f"backbone.{k}"], v) for k, v in pretrained.items())  # it really trained
+    info = read_task_info(result.task_path)
+    assert info.prompt["method"] == "full" and "backbone" in info.provenance["stores"]
+    head = saved["head.weight"].numel() + saved["head.bias"].numel()
+    assert result.trainable_params == sum(p.numel() for p in original.parameters()) + head
+
+    loaded = api.load_for_inference(result.task_path)  # the original backbone file + the stored weights
+    for key, value in loaded.model.backbone.state_dict().items():
+        assert torch.equal(value, saved[f"backbone.{key}"])
+    evaluated = api.evaluate(SAMPLE / "val", result.task_path, output_dir=tmp_path / "eval")
+    assert evaluated.report.top1 == pytest.approx(result.val_report.top1)
+
+
+def test_linear_probe_is_head_only_and_stores_only_the_head(tiny_weights):
+    result = api.train(run_config(tiny_weights, "linear"), task="lin")
+    assert result.history == [] and result.probe_val_acc is not None
+    assert set(api.load_task(result.task_path).tensors) == {"head.weight", "head.bias"}
+    assert read_task_info(result.task_path).provenance["stores"] == "head"
+    assert result.val_report.top1 == pytest.approx(result.probe_val_acc)
