@@ -21,6 +21,7 @@ from rich.table import Table
 from vpt_cli import __version__
 from vpt_cli.config import DEFAULT_BACKBONE
 from vpt_cli.errors import UsageError, VPTError
+from vpt_cli.sweep import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
 if TYPE_CHECKING:
     from vpt_cli.engine import EpochStats
@@ -203,6 +204,69 @@ def train(
         from vpt_cli.render import render_train
 
         render_train(out, result)
+
+    _run(action)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    """'1e-3,3e-3' -> [0.001, 0.003]; a bad item is a usage error naming the flag."""
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, not '{text}'") from None
+
+
+@app.command()
+def sweep(
+    data: Path = typer.Argument(..., help="Folder of class folders; the search scores trials on its val split."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Name to save the winning task under (default: the folder's name), or a .safetensors path."),
+    lr: str = typer.Option(",".join(map(str, DEFAULT_LRS)), "--lr", help="Prompt learning rates to try, comma-separated."),
+    weight_decay: str = typer.Option(",".join(map(str, DEFAULT_WEIGHT_DECAYS)), "--weight-decay", help="Weight decays to try, comma-separated."),
+    prompts: str = typer.Option("", "--prompts", help="Prompt lengths to try, comma-separated (e.g. 5,10,50). [default: the config's, 10]"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="At most this many trials (12) or this much time (15m, 90s, 1h). [default: the whole grid]"),
+    eta: int = typer.Option(3, "--eta", help="Successive halving: after each rung only the best 1/eta of the trials go on."),
+    method: Optional[Method] = typer.Option(None, help="vpt-deep or vpt-shallow. [default: vpt-deep]"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of a trial that survives every rung. [default: 30]"),
+    backbone: Optional[str] = typer.Option(None, help=f"timm model name with pretrained tag. [default: {DEFAULT_BACKBONE}]"),
+    backbone_weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors/.npz/.pth) instead of the hub download."),
+    backbone_arg: List[str] = typer.Option([], help="Extra timm constructor argument KEY=VALUE (repeatable)."),
+    img_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for init, split and shuffling (the same for every trial). [default: 0]"),
+    device: Optional[Device] = typer.Option(None, help="auto picks cuda, then mps, then cpu. [default: auto]"),
+    workers: Optional[int] = typer.Option(None, help="Image decoding processes. [default: auto]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (as for train) that every trial starts from."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing task of the same name."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live table."),
+) -> None:
+    """Search lr x weight decay (x prompt length) on the val split; keep the best trial as the task.
+
+    Cheap trials start first; successive halving stops the weaker ones early. Every trial is
+    written to sweep.csv in the task's run folder. Example: [bold]vpt sweep ./photos --budget 20m[/]
+    """
+
+    def action() -> None:
+        from vpt_cli.config import load_config
+        from vpt_cli.render import LiveSweepTable, render_sweep
+        from vpt_cli.sweep import plan_sweep, run_sweep
+
+        overrides = {
+            "data.path": str(data), "backbone.name": backbone,
+            "backbone.weights": str(backbone_weights) if backbone_weights else None, "backbone.img_size": img_size,
+            "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
+            "prompt.method": method.value if method else None, "train.epochs": epochs, "train.seed": seed,
+            "train.device": device.value if device else None, "data.workers": workers,
+        }
+        run_config = load_config(config, overrides)
+        lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
+        plan = plan_sweep(_floats(lr, "--lr"), _floats(weight_decay, "--weight-decay"), lengths,
+                          run_config.train.epochs, eta, budget)
+        with LiveSweepTable(err, quiet=quiet or as_json) as live:
+            result = run_sweep(run_config, plan, task=task, force=force, reporter=live)
+        if as_json:
+            _print_json(result.to_dict())
+        else:
+            render_sweep(out, result)
 
     _run(action)
 

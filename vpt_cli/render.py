@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from vpt_cli.api import EvalResult, PredictResult, TrainResult
+from vpt_cli.sweep import SweepReporter, SweepResult, Trial
 
 
 def _pct(value: float | None) -> str:
@@ -63,3 +65,50 @@ def render_predictions(console: Console, result: PredictResult) -> None:
         table.add_row(prediction.file, *([prediction.task] if several else []),
                       *[f"{name} [dim]{prob:.2f}[/]" for name, prob in prediction.top])
     console.print(table)
+
+
+def sweep_table(trials: list[Trial], title: str = "sweep") -> Table:
+    """One row per trial: its grid point, where it got to, and its best val score so far."""
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "prompts", "lr", "wd", "epochs", "val top-1", "val loss", "time", "status"):
+        table.add_column(column, justify="left" if column == "status" else "right")
+    for t in trials:
+        style = "bold green" if t.status.endswith("(best)") else "dim" if t.status.startswith(("stopped", "not run")) else None
+        table.add_row(str(t.index), str(t.num_prompts), f"{t.lr:.0e}", f"{t.weight_decay:g}", str(t.epochs_run),
+                      _pct(t.val_top1), f"{t.val_loss:.3f}" if t.val_loss is not None else "-", f"{t.seconds:.0f}s",
+                      t.status, style=style)
+    return table
+
+
+class LiveSweepTable(SweepReporter):
+    """The sweep table redrawn in place on stderr as trials advance (plain lines when quiet)."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console, self.quiet = console, quiet
+        self.live = Live(console=console, auto_refresh=False, transient=False)
+
+    def __enter__(self) -> "LiveSweepTable":
+        if not self.quiet:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.stop()
+
+    def trials_changed(self, trials: list[Trial]) -> None:
+        if not self.quiet:
+            self.live.update(sweep_table(trials), refresh=True)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[dim]{message}[/]", highlight=False)
+
+
+def render_sweep(console: Console, result: SweepResult) -> None:
+    best = result.best
+    console.print(
+        f"best: trial {best.index} (prompts {best.num_prompts}, lr {best.lr:g}, weight decay {best.weight_decay:g}) "
+        f"val top-1 {_pct(best.val_top1)} after {best.epochs_run} epochs; rungs {result.plan.rungs}, "
+        f"eta {result.plan.eta}, budget {result.plan.budget_text}, {result.seconds:.0f}s in all", highlight=False)
+    console.print(f"all trials: {result.csv_path}", highlight=False)
+    render_train(console, result.train)
