@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from vpt_cli import api, engine
 from vpt_cli.artifact import read_task_info
@@ -15,13 +14,6 @@ from vpt_cli.prompts import PromptedViT
 from conftest import tiny_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
-
-
-@pytest.fixture
-def tiny_weights(tiny_backbone, tmp_path):
-    path = tmp_path / "tiny_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
-    return path
 
 
 def run_config(weights: Path, method: str, **train) -> RunConfig:

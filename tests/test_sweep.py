@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vpt_cli import sweep
@@ -18,13 +17,6 @@ from vpt_cli.errors import UsageError
 from conftest import TINY_KWARGS, tiny_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
-
-
-@pytest.fixture
-def tiny_weights(tiny_backbone, tmp_path):
-    path = tmp_path / "tiny_vit.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
-    return path
 
 
 def test_grid_runs_cheapest_first_and_a_cut_budget_still_spans_every_value():

@@ -1,0 +1,136 @@
+"""Train-step time, peak training memory and predict throughput of every method, in one process.
+
+Same backbone, same batch, same engine code (`vpt_cli.engine.train_one_epoch` with the engine's
+optimiser) for vpt-deep, vpt-shallow, linear and full fine-tuning; then the forward of a trained
+task against the bare timm forward. Prints the ratios the project promises and rewrites the
+`speed` section of docs/benchmarks.md.
+
+Peak memory on a CPU is the process's resident set sampled every half millisecond during the
+steps, minus what was resident before the method's model and optimiser existed. glibc's malloc is
+pinned to mmap large blocks (MALLOC_MMAP_THRESHOLD_) so freed tensors leave the resident set and a
+later method does not inherit an earlier one's high-water mark.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DEFAULT_WEIGHTS, PeakRSS, machine_line, markdown_table, pin_malloc, write_section  # noqa: E402
+
+pin_malloc()
+import torch  # noqa: E402
+
+from vpt_cli.backbones import create_backbone  # noqa: E402
+from vpt_cli.config import BackboneConfig, PromptConfig, TrainConfig  # noqa: E402
+from vpt_cli.engine import Reporter, build_optimizer, train_one_epoch, warmup_cosine  # noqa: E402
+from vpt_cli.prompts import PromptedViT  # noqa: E402
+
+METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
+
+
+class MethodRun:
+    """One method's model, optimiser and schedule, built the way the engine builds them."""
+
+    def __init__(self, model: PromptedViT):
+        self.model = model
+        self.optimizer = build_optimizer(model, TrainConfig())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10**6, 0))
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def seconds_per_step(self, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+        """The engine's own epoch loop over `steps` copies of one batch."""
+        _, _, images_per_sec = train_one_epoch(self.model, [(images, labels, None)] * steps, self.optimizer,
+                                               self.scheduler, torch.device("cpu"), False, self.scaler, Reporter(),
+                                               "speed")
+        return len(images) / images_per_sec
+
+
+@torch.inference_mode()
+def forward_seconds(forward, images: torch.Tensor, repeats: int) -> float:
+    """Best-of-`repeats` seconds for one inference forward of the batch (after one warm-up)."""
+    forward(images)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        forward(images)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="backbone safetensors file")
+    parser.add_argument("--backbone", default="vit_small_patch14_dinov2")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=2, help="train steps per method and round")
+    parser.add_argument("--rounds", type=int, default=2, help="timing rounds, methods interleaved; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="timed predict forwards (best is kept)")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    backbone = create_backbone(BackboneConfig(name=args.backbone, weights=args.weights, img_size=args.img_size))
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    labels = torch.randint(0, 10, (args.batch_size,))
+    rows: dict[str, dict[str, float]] = {}
+    runs: dict[str, MethodRun] = {}
+    for method in METHODS:  # memory: each method's first step, measured alone
+        # Full fine-tuning changes its backbone: give it a copy so the frozen one stays frozen.
+        net = copy.deepcopy(backbone.model) if method == "full" else backbone.model
+        with PeakRSS() as memory:
+            runs[method] = MethodRun(PromptedViT(net, 10, PromptConfig(method=method, num_prompts=args.prompts)))
+            runs[method].seconds_per_step(images, labels, 1)
+        trainable = sum(p.numel() for p in runs[method].model.parameters() if p.requires_grad)
+        rows[method] = {"step": float("inf"), "memory": memory.extra, "trainable": trainable}
+    for _ in range(args.rounds):  # time: methods interleaved, best round kept (other load only adds)
+        for method, run in runs.items():
+            rows[method]["step"] = min(rows[method]["step"], run.seconds_per_step(images, labels, args.steps))
+    for method, row in rows.items():
+        print(f"{method:12s} step {row['step']:.3f}s  peak +{row['memory'] / 2**20:.0f} MiB  "
+              f"{int(row['trainable']):,} trainable", flush=True)
+    del runs
+    task = PromptedViT(backbone.model, 10, PromptConfig(method="vpt-deep", num_prompts=args.prompts)).eval()
+    bare = forward_seconds(backbone.model, images, args.repeats)
+    prompted = forward_seconds(task, images, args.repeats)
+    patches = backbone.model.patch_embed.num_patches
+    prefix = backbone.model.num_prefix_tokens
+    limit = (prefix + patches) / (prefix + patches + args.prompts)
+    throughput_ratio = bare / prompted
+    full = rows["full"]
+    checks = [
+        ("vpt-deep train step / full", rows["vpt-deep"]["step"] / full["step"], "<= 0.75",
+         rows["vpt-deep"]["step"] / full["step"] <= 0.75),
+        ("vpt-deep peak train memory / full", rows["vpt-deep"]["memory"] / full["memory"], "<= 0.60",
+         rows["vpt-deep"]["memory"] / full["memory"] <= 0.60),
+        ("vpt-deep predict throughput / bare timm", throughput_ratio,
+         f">= 0.95 x {limit:.3f} = {0.95 * limit:.3f}", throughput_ratio >= 0.95 * limit),
+    ]
+    method_table = markdown_table(
+        ["method", "train step (s)", "img/s", "peak train memory (MiB)", "vs full", "trainable params"],
+        [[m, f"{r['step']:.3f}", f"{args.batch_size / r['step']:.1f}", f"{r['memory'] / 2**20:.0f}",
+          f"{r['memory'] / full['memory']:.2f}", f"{int(r['trainable']):,}"] for m, r in rows.items()])
+    predict_table = markdown_table(
+        ["forward (batch %d)" % args.batch_size, "seconds", "img/s"],
+        [["bare timm backbone", f"{bare:.3f}", f"{args.batch_size / bare:.1f}"],
+         [f"vpt-deep task ({args.prompts} prompts)", f"{prompted:.3f}", f"{args.batch_size / prompted:.1f}"]])
+    check_table = markdown_table(["ratio", "measured", "target", "met"],
+                                 [[name, f"{value:.3f}", target, "yes" if ok else "**no**"]
+                                  for name, value, target, ok in checks])
+    print(method_table, predict_table, check_table, sep="\n\n")
+    if not args.no_docs:
+        body = "\n\n".join([
+            f"{machine_line()}; {args.backbone} at {args.img_size} px ({patches} patches), batch {args.batch_size}, "
+            f"{args.prompts} prompts, random inputs; step time = best of {args.rounds} interleaved rounds of "
+            f"{args.steps} steps after one warm-up step (which gives the memory peak).",
+            method_table, predict_table, check_table,
+        ])
+        write_section("speed", "Speed and memory", body)
+
+
+if __name__ == "__main__":
+    main()
