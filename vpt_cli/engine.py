@@ -418,6 +418,7 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
         try:
             run.run_epoch()
         except KeyboardInterrupt:
+            reporter.finish()  # take down the half-drawn progress bar before the error line
             run.save(checkpoint)
             raise TrainingInterrupted(
                 f"interrupted in epoch {run.epoch + 1}; state saved to {checkpoint.path}, continue with --resume"
