@@ -19,7 +19,7 @@ from vpt_cli.backbones import create_backbone
 from vpt_cli.cli import app
 from vpt_cli.config import PromptConfig
 from vpt_cli.errors import TaskError
-from vpt_cli.export import export_bundle
+from vpt_cli.export import export_model
 from vpt_cli.multitask import MultiTaskViT
 from vpt_cli.prompts import PromptedViT
 from vpt_cli.serving import load_tasks
@@ -156,7 +156,7 @@ def test_bundle_onnx_matches_each_single_task(tiny_backbone, tmp_path):
     import onnxruntime
 
     models = task_models(tiny_backbone.model, MIXED)
-    result = export_bundle(MultiTaskViT(tiny_backbone.model, models), 32, "onnx", tmp_path / "bundle.onnx")
+    result = export_model(MultiTaskViT(tiny_backbone.model, models), 32, "onnx", tmp_path / "bundle.onnx")
     assert result.checked_with.startswith("onnxruntime") and result.max_abs_diff < 1e-4
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))

@@ -334,7 +334,7 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
     or its rows of the `tasks_from` CSV) and all pairs take one backbone pass. `batch_size`
     counts pairs; None picks one for the device.
     """
-    from vpt_cli.serving import load_tasks
+    from vpt_cli.serving import load_tasks  # late: serving builds on load_for_inference above
 
     reporter = reporter or Reporter()
     names = [str(task)] if isinstance(task, (str, Path)) else [str(t) for t in task]

@@ -54,7 +54,7 @@ class ExportResult:
 
 
 def export_model(
-    model: PromptedViT,
+    model: PromptedViT | MultiTaskViT,
     image_size: int,
     fmt: str,
     output: Path,
@@ -69,49 +69,33 @@ def export_model(
     replaced atomically, and only once the check passed; on any failure nothing is left behind.
     Raises ExportError for an unknown format, an exporter failure or logits further than `atol`
     from eager.
+
+    A MultiTaskViT becomes a multi-task bundle: the backbone once plus every task's stacked
+    prompts and heads, a second input `task_index` (int64, one per image), logits padded to the
+    largest class count with -inf; it is checked on batches that mix every task.
     """
-    _check_request(fmt, batch_for_check)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}' (choose one of {', '.join(FORMATS)})")
+    if batch_for_check < 1:
+        raise ExportError("batch_for_check must be at least 1")
     frozen = _export_copy(model)
-    batches = _check_batches(frozen, sorted({1, batch_for_check}),
-                             lambda size, generator: (_random_images(size, image_size, generator),))
+    tasks = model.num_tasks if isinstance(model, MultiTaskViT) else 0
+
+    def inputs(size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        images = torch.randn(size, 3, image_size, image_size, generator=generator)
+        return (images, torch.arange(size) % tasks) if tasks else (images,)
+
+    batches = _check_batches(frozen, sorted({1, max(batch_for_check, tasks)}), inputs)
+    names = (INPUT_NAME, TASK_INPUT_NAME) if tasks else (INPUT_NAME,)
     # Traced with batch 2: a batch of 1 invites exporters to bake that size into the graph.
-    example = (torch.zeros(2, 3, image_size, image_size),)
-    return _export_checked(frozen, example, batches, fmt, Path(output), opset, atol)
-
-
-def export_bundle(
-    model: MultiTaskViT,
-    image_size: int,
-    fmt: str,
-    output: Path,
-    *,
-    opset: int = 17,
-    atol: float = 1e-4,
-    batch_for_check: int = 3,
-) -> ExportResult:
-    """Export a multi-task bundle: inputs `images` and `task_index` (int64, one per image).
-
-    The graph holds the backbone once plus every task's stacked prompts and heads; logits have
-    the largest task's class count, padded classes are -inf. Checked like `export_model`, with
-    batches that mix every task.
-    """
-    _check_request(fmt, batch_for_check)
-    frozen = _export_copy(model)
-    batches = _check_batches(frozen, sorted({1, max(batch_for_check, model.num_tasks)}), lambda size, generator: (
-        _random_images(size, image_size, generator), torch.arange(size) % model.num_tasks))
-    example = (torch.zeros(2, 3, image_size, image_size), torch.arange(2) % model.num_tasks)
-    return _export_checked(frozen, example, batches, fmt, Path(output), opset, atol, (INPUT_NAME, TASK_INPUT_NAME))
-
-
-def _export_checked(model: nn.Module, example: tuple[torch.Tensor, ...], batches: list[CheckBatch], fmt: str,
-                    output: Path, opset: int, atol: float, input_names: tuple[str, ...] = (INPUT_NAME,)) -> ExportResult:
-    """Write `model` to a temporary file, compare it with eager on `batches`, then rename it to `output`."""
+    example = inputs(2, torch.Generator())
+    output = Path(output)
     with _temporary_sibling(output) as tmp:
         if fmt == "onnx":
-            _write_onnx(model, example, tmp, opset, input_names)
+            _write_onnx(frozen, example, tmp, opset, names)
             runner, checked_with = _onnx_runner(tmp)
         else:
-            _write_torchscript(model, example, tmp)
+            _write_torchscript(frozen, example, tmp)
             runner, checked_with = _torchscript_runner(tmp), "torch.jit"
         max_diff = None if runner is None else _max_abs_diff(runner, batches, atol, fmt)
         try:
@@ -133,17 +117,6 @@ def _export_copy(model: nn.Module) -> nn.Module:
     frozen.eval()
     frozen.requires_grad_(False)
     return frozen
-
-
-def _check_request(fmt: str, batch_for_check: int) -> None:
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format '{fmt}' (choose one of {', '.join(FORMATS)})")
-    if batch_for_check < 1:
-        raise ExportError("batch_for_check must be at least 1")
-
-
-def _random_images(size: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(size, 3, image_size, image_size, generator=generator)
 
 
 def _check_batches(model: nn.Module, sizes: list[int],
