@@ -93,13 +93,6 @@ def test_mixing_refuses_models_on_another_backbone(tiny_backbone):
 # --- task files, the serving API and the CLI ------------------------------------------------------
 
 
-@pytest.fixture
-def weights(tiny_backbone, tmp_path) -> Path:
-    path = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
-    return path
-
-
 def save_tasks(backbone, weights: Path, configs: list[PromptConfig], names: list[str], seed: int = 1) -> list[Path]:
     """Task files in the registry, as `vpt train` would write them (random prompts and heads)."""
     paths = []
@@ -113,9 +106,9 @@ def save_tasks(backbone, weights: Path, configs: list[PromptConfig], names: list
 
 
 @pytest.fixture
-def registry(tiny_backbone, weights) -> list[str]:
+def registry(tiny_backbone, tiny_weights) -> list[str]:
     names = ["deep3", "shallow5", "proj2"]
-    save_tasks(tiny_backbone, weights, MIXED[:3], names)
+    save_tasks(tiny_backbone, tiny_weights, MIXED[:3], names)
     return names
 
 
@@ -145,8 +138,8 @@ def test_tasks_on_other_backbone_weights_are_refused(registry, tiny_backbone, tm
     assert result.exit_code == 5 and "different backbones" in result.output
 
 
-def test_full_fine_tune_cannot_share_the_backbone(registry, tiny_backbone, weights):
-    save_tasks(tiny_backbone, weights, [PromptConfig("full")], ["full"])
+def test_full_fine_tune_cannot_share_the_backbone(registry, tiny_backbone, tiny_weights):
+    save_tasks(tiny_backbone, tiny_weights, [PromptConfig("full")], ["full"])
     with pytest.raises(TaskError, match="fine-tunes the whole backbone"):
         load_tasks(["deep3", "full"])
 
