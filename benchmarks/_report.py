@@ -79,8 +79,10 @@ def machine_line() -> str:
         pass
     command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Measured {date} on {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}. Command: `{command}`")
+    load = os.getloadavg()[0]  # other processes on the machine skew timings: say how busy it was
+    return (f"Measured {date} on {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, load average {load:.1f} at the end. "
+            f"Command: `{command}`")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
