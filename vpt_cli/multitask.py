@@ -77,7 +77,6 @@ class MultiTaskViT(nn.Module):
         backbone, slots = self.backbone, self.max_prompts
         x = embed_tokens(backbone, images)
         prefix = backbone.num_prefix_tokens
-        bank = self.prompt_bank.index_select(0, task_index).to(x.dtype)  # (B, L, slots, D)
         lengths = self.prompt_lengths.index_select(0, task_index)
         mask = None
         if len(self.distinct_lengths) > 1:
@@ -88,10 +87,11 @@ class MultiTaskViT(nn.Module):
         deep = self.deep.index_select(0, task_index)[:, None, None]
         for index, block in enumerate(backbone.blocks):
             if slots and index == 0:
-                x = torch.cat([x[:, :prefix], bank[:, 0], x[:, prefix:]], dim=1)
+                x = torch.cat([x[:, :prefix], self._layer_prompts(0, task_index, x.dtype), x[:, prefix:]], dim=1)
             elif slots and self.any_deep:
-                current = x[:, prefix : prefix + slots]
-                prompts = bank[:, index] if self.all_deep else torch.where(deep, bank[:, index], current)
+                prompts = self._layer_prompts(index, task_index, x.dtype)
+                if not self.all_deep:
+                    prompts = torch.where(deep, prompts, x[:, prefix : prefix + slots])
                 x = torch.cat([x[:, :prefix], prompts, x[:, prefix + slots :]], dim=1)
             x = block(x) if mask is None else block(x, attn_mask=mask)
         x = backbone.norm(x)
@@ -103,6 +103,11 @@ class MultiTaskViT(nn.Module):
                                         pre_logits=True)
             pooled = own if pooled is None else torch.where((lengths == length)[:, None], own, pooled)
         return pooled
+
+    def _layer_prompts(self, layer: int, task_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, slots, D): each sample's task prompts for `layer`, gathered one layer at a time (a
+        whole-bank gather copies L times more and hits a slow CPU index_select path)."""
+        return self.prompt_bank[:, layer].index_select(0, task_index).to(dtype)
 
     def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """(B, max_classes) logits of each sample's own task; padded classes are -inf."""
