@@ -205,3 +205,22 @@ def test_cli_tasks_from_csv(registry, tmp_path):
     both = runner.invoke(app, ["predict", str(IMAGES[0]), "--task", "deep3", "--tasks-from", listing])
     assert both.exit_code == 2
     assert runner.invoke(app, ["predict", str(IMAGES[0])]).exit_code == 2
+
+
+def test_cli_exports_a_bundle_that_answers_like_each_task(registry, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    output = tmp_path / "bundle.onnx"
+    result = runner.invoke(app, ["export", "--task", "deep3", "--task", "shallow5", "--output", output, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["tasks"] == ["deep3", "shallow5"] and payload["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "task_index"]
+    server = load_tasks(["deep3", "shallow5"], device="cpu")
+    images = torch.stack([server.transform(Image.open(path).convert("RGB")) for path in IMAGES[:2]])
+    logits = session.run(None, {"images": images.numpy(), "task_index": torch.tensor([1, 0]).numpy()})[0]
+    for row, task in enumerate(["shallow5", "deep3"]):
+        single = api.load_for_inference(task, device="cpu")
+        with torch.inference_mode():
+            expected = single.model(images[row : row + 1])[0]
+        torch.testing.assert_close(torch.from_numpy(logits[row, : len(expected)]), expected, atol=1e-4, rtol=0)

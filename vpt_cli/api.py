@@ -407,10 +407,16 @@ def _read_tasks_csv(path: Path) -> tuple[list[Path], list[list[str]], list[tuple
     return list(by_file), list(by_file.values()), failures
 
 
-def export(task: str | Path, fmt: str, output: str | Path, backbone_weights: str | None = None) -> Any:
-    """Write the task (backbone + prompts + head) as one ONNX / TorchScript file, checked against eager."""
+def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path,
+           backbone_weights: str | None = None) -> Any:
+    """Write one task (backbone + prompts + head) or a multi-task bundle as one ONNX / TorchScript
+    file, checked against eager. Several tasks share the backbone once and take a `task_index` input."""
     from vpt_cli.export import export_model
+    from vpt_cli.serving import load_tasks
 
-    loaded = load_for_inference(task, backbone_weights, device="cpu")
-    return export_model(loaded.model, loaded.backbone.img_size, fmt, Path(output))
-
+    names = tasks if isinstance(tasks, list) else [tasks]
+    if len(names) == 1:
+        loaded = load_for_inference(names[0], backbone_weights, device="cpu")
+        return export_model(loaded.model, loaded.backbone.img_size, fmt, Path(output))
+    server = load_tasks(names, backbone_weights, device="cpu")
+    return export_model(server.model, server.backbone.img_size, fmt, Path(output))

@@ -353,20 +353,25 @@ def predict(
 
 @app.command()
 def export(
-    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
+    task: List[str] = typer.Option(..., "--task", "-t", help=TASK_HELP + " Repeat for a multi-task bundle (inputs images + task_index)."),
     output_format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", "-f", help="onnx (dynamic batch) or torchscript."),
     output: Path = typer.Option(..., "--output", "-o", help="File to write."),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Export backbone + prompts + head as one file, checked against the eager model (max diff 1e-4)."""
+    """Export backbone + prompts + head as one file, checked against the eager model (max diff 1e-4).
+
+    With several --task options, one bundle serves them all: the backbone once, every task's
+    prompts and heads stacked, and a second input `task_index` (int64, one per image).
+    """
 
     def action() -> None:
         from vpt_cli import api
 
         result = api.export(task, output_format.value, output, _path(backbone_weights))
-        payload = {"path": str(result.path), "format": result.format, "max_abs_diff": result.max_abs_diff,
-                   "checked_with": result.checked_with, "size_bytes": result.size_bytes}
+        payload = {"path": str(result.path), "format": result.format, "tasks": task,
+                   "max_abs_diff": result.max_abs_diff, "checked_with": result.checked_with,
+                   "size_bytes": result.size_bytes}
         if as_json:
             _print_json(payload)
             return
