@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vpt_cli import __version__
-from vpt_cli.config import DEFAULT_BACKBONE
+from vpt_cli.config import AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, OPTIMIZERS
 from vpt_cli.errors import UsageError, VPTError
 from vpt_cli.sweep import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
@@ -39,40 +39,17 @@ out = Console()
 err = Console(stderr=True)
 
 
-class Method(str, Enum):
-    vpt_deep = "vpt-deep"
-    vpt_shallow = "vpt-shallow"
-    linear = "linear"
-    full = "full"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum for Typer built from config's tuple, so each choice list is defined once."""
+    return Enum(name, [(value, value) for value in values], type=str)
 
 
-class Optimizer(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class Augment(str, Enum):
-    none = "none"
-    flip = "flip"
-    crop = "crop"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class OutputFormat(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    torchscript = "torchscript"
+Method = _choices("Method", METHODS)
+Optimizer = _choices("Optimizer", OPTIMIZERS)
+Augment = _choices("Augment", AUGMENTS)
+Device = _choices("Device", DEVICES)
+OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
+ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
 
 
 TASK_HELP = "Task name in the registry ($VPT_HOME/tasks) or path to a .safetensors task file."
