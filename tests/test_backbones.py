@@ -96,3 +96,23 @@ def test_backbone_is_frozen_and_in_eval_mode(tiny_backbone):
 def test_non_vit_models_are_refused():
     with pytest.raises(BackboneError, match="not a ViT-family"):
         create_backbone(BackboneConfig(name="resnet18"), pretrained=False)
+
+
+def test_without_dns_the_hub_is_asked_in_offline_mode_only(monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    import vpt_cli.backbones as backbones
+
+    seen = {}
+
+    def record(name, pretrained=False, **kwargs):
+        seen["offline"] = hub_constants.HF_HUB_OFFLINE
+        raise OSError("cannot find the requested files in the local cache. Please check your connection")
+
+    monkeypatch.setattr(backbones, "_hub_resolves", lambda: False)
+    monkeypatch.setattr(backbones.timm, "create_model", record)
+    before = hub_constants.HF_HUB_OFFLINE
+    with pytest.raises(BackboneError, match=r"local cache\); on an offline machine pass --backbone-weights FILE"):
+        backbones._create_from_hub("vit_base_patch16_224.augreg_in21k", {})
+    assert seen["offline"] is True
+    assert hub_constants.HF_HUB_OFFLINE == before

@@ -9,10 +9,14 @@ resamples position embeddings for another image size, exactly as timm does for i
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import timm
 import torch
@@ -22,6 +26,8 @@ from torch import nn
 from vpt_cli.config import BackboneConfig
 from vpt_cli.errors import BackboneError
 
+HUB_HOST = "huggingface.co"
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin", ".ckpt")
 _REQUIRED_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
 
@@ -81,15 +87,47 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
 def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """timm's own download path; any failure there becomes one line that names the offline flag."""
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_session(offline=not _hub_resolves()):
+            return timm.create_model(name, pretrained=True, **kwargs)
     except BackboneError:
         raise
     except Exception as exc:  # network, hub and cache errors come in many types
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = str(exc).split(". ")[0].splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise BackboneError(
             f"could not download pretrained weights for '{name}' ({reason}); "
             "on an offline machine pass --backbone-weights FILE"
         ) from None
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves (or a proxy/mirror may reach it for us)."""
+    if any(os.environ.get(var) for var in _PROXY_VARIABLES):
+        return True
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_session(offline: bool) -> Iterator[None]:
+    """Silence the hub client's retry warnings; without a network, look in the local cache only.
+
+    With no DNS the hub client retries for about 50 seconds before giving up; its offline mode
+    answers from the cache (weights downloaded earlier still load) or fails at once.
+    """
+    from huggingface_hub import constants
+
+    logger = logging.getLogger("huggingface_hub")
+    saved_level, saved_offline = logger.level, constants.HF_HUB_OFFLINE
+    logger.setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = saved_offline or offline
+    try:
+        yield
+    finally:
+        logger.setLevel(saved_level)
+        constants.HF_HUB_OFFLINE = saved_offline
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
