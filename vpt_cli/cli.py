@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from vpt_cli import __version__
 from vpt_cli.config import AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, OPTIMIZERS
@@ -373,18 +372,9 @@ def tasks(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None
                           "size_bytes": path.stat().st_size, "created": info.provenance.get("created")}
                          for path, info in found])
             return
-        if not found:
-            out.print(f"no tasks yet in {tasks_dir()} (train one with [bold]vpt train DATA --task NAME[/])")
-            return
-        table = Table(title=f"tasks in {tasks_dir()}", title_justify="left")
-        for column in ("name", "backbone", "method", "classes", "val top-1", "size", "created"):
-            table.add_column(column)
-        for path, info in found:
-            top1 = info.metrics.get("val_top1")
-            table.add_row(info.name, info.backbone, f"{info.prompt.get('method')} ({info.prompt.get('num_prompts')})",
-                          str(len(info.classes)), f"{top1:.3f}" if top1 is not None else "-",
-                          f"{path.stat().st_size / 1e3:.0f} KB", str(info.provenance.get("created", "-")))
-        out.print(table)
+        from vpt_cli.render import render_tasks
+
+        render_tasks(out, found, tasks_dir())
 
     _run(action)
 

@@ -1,11 +1,14 @@
 """Human-readable rendering of library results with rich (the CLI's non-JSON output)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from vpt_cli.api import EvalResult, PredictResult, TrainResult
+from vpt_cli.artifact import TaskInfo
 from vpt_cli.sweep import SweepReporter, SweepResult, Trial
 
 
@@ -112,3 +115,18 @@ def render_sweep(console: Console, result: SweepResult) -> None:
         f"eta {result.plan.eta}, budget {result.plan.budget_text}, {result.seconds:.0f}s in all", highlight=False)
     console.print(f"all trials: {result.csv_path}", highlight=False)
     render_train(console, result.train)
+
+
+def render_tasks(console: Console, found: list[tuple[Path, TaskInfo]], registry: Path) -> None:
+    if not found:
+        console.print(f"no tasks yet in {registry} (train one with [bold]vpt train DATA --task NAME[/])")
+        return
+    table = Table(title=f"tasks in {registry}", title_justify="left")
+    for column in ("name", "backbone", "method", "classes", "val top-1", "size", "created"):
+        table.add_column(column)
+    for path, info in found:
+        top1 = info.metrics.get("val_top1")
+        table.add_row(info.name, info.backbone, f"{info.prompt.get('method')} ({info.prompt.get('num_prompts')})",
+                      str(len(info.classes)), f"{top1:.3f}" if top1 is not None else "-",
+                      f"{path.stat().st_size / 1e3:.0f} KB", str(info.provenance.get("created", "-")))
+    console.print(table)
