@@ -1,6 +1,7 @@
 """The baselines in the same engine: linear probe and full fine-tuning, end to end on tiny models."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from vpt_cli import api, engine
 from vpt_cli.artifact import read_task_info
-from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
+from vpt_cli.config import PromptConfig, RunConfig, TrainConfig, auto_num_prompts
 from vpt_cli.prompts import PromptedViT
 
 from conftest import tiny_config
@@ -72,3 +73,29 @@ def test_linear_probe_is_head_only_and_stores_only_the_head(tiny_weights):
     assert set(api.load_task(result.task_path).tensors) == {"head.weight", "head.bias"}
     assert read_task_info(result.task_path).provenance["stores"] == "head"
     assert result.val_report.top1 == pytest.approx(result.probe_val_acc)
+
+
+def test_auto_prompt_count_is_five_percent_of_the_patches_and_is_recorded(tiny_weights):
+    assert [auto_num_prompts(n) for n in (4, 16, 196, 256)] == [1, 1, 10, 13]  # 196: the paper's 10 at 224 px
+    config = run_config(tiny_weights, "vpt-deep", epochs=1)
+    config.prompt.num_prompts = None  # auto: the tiny ViT at 32 px has 2 x 2 patches, so the minimum, 1
+    result = api.train(config, task="auto-prompts")
+    info = read_task_info(result.task_path)
+    assert info.prompt["num_prompts"] == 1 and info.provenance["config"]["prompt"]["num_prompts"] == 1
+    assert api.load_task(result.task_path).tensors["prompts"].shape[1] == 1
+
+
+def test_a_val_split_under_five_per_class_keeps_the_last_epoch(tiny_weights, tmp_path):
+    data = tmp_path / "few_val"
+    shutil.copytree(SAMPLE / "train", data / "train")
+    for folder in (SAMPLE / "val").iterdir():
+        (data / "val" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:2]:
+            shutil.copy(image, data / "val" / folder.name)
+    config = run_config(tiny_weights, "vpt-deep", epochs=4, lr=0.0, head_lr=0.0, patience=2)
+    config.data.path = str(data)
+    last = api.train(config, task="few-val")  # no change in val, yet no early stop and the last epoch kept
+    assert not last.stopped_early and last.best_epoch == 4 and all(h.is_best for h in last.history)
+    config.train.select = "best"
+    best = api.train(config, task="few-val-best", force=True)
+    assert best.stopped_early and best.best_epoch == 0

@@ -42,7 +42,9 @@ def test_bad_config_files_give_clear_errors(tmp_path, text, message):
 def test_paper_defaults_and_resolved_values():
     config = load_config()
     assert config.backbone.name == "vit_base_patch16_224.augreg_in21k"
-    assert config.prompt.method == "vpt-deep" and config.prompt.num_prompts == 10
+    assert config.prompt.method == "vpt-deep" and config.prompt.num_prompts is None  # auto
+    config.prompt.resolve_prompts(196)  # 224 px / 16 px patches: the paper's 10
+    assert config.prompt.num_prompts == 10
     assert config.prompt.resolved_dropout == 0.1
     sgd = load_config(None, {"train.optimizer": "sgd", "train.batch_size": 64})
     assert sgd.train.resolved_lr() == pytest.approx(2.5 * 64 / 256)

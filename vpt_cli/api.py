@@ -112,6 +112,8 @@ def prepare_run(config: RunConfig, task: str | None, replace: bool, reporter: Re
     skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
     if not train_samples:
         raise DataError(f"no readable training images in {data_root}")
+    backbone = create_backbone(config.backbone)
+    config.prompt.resolve_prompts(backbone.model.patch_embed.num_patches)  # the saved config records the count
     run_dir = runs_dir(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text(run_dir / "config.yaml", config.to_yaml())
@@ -119,7 +121,6 @@ def prepare_run(config: RunConfig, task: str | None, replace: bool, reporter: Re
     if skipped:
         reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
 
-    backbone = create_backbone(config.backbone)
     workers = config.data.workers
     batch = config.train.batch_size
     eval_transform = build_transform(backbone.data_config, train=False)

@@ -19,8 +19,11 @@ DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "flip", "crop")
+AUTO_PROMPT_FRACTION = 0.05  # of the patch tokens: the paper's 10 prompts at 224 px / 196 patches
 HEAD_INITS = ("probe", "zeros")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SELECTS = ("auto", "best", "last")
+MIN_VAL_PER_CLASS_TO_SELECT = 5  # below this, one val image flips top-1 by 1/n: selection is noise
 
 
 @dataclass
@@ -38,7 +41,7 @@ class PromptConfig:
     """What is trained: VPT-deep/shallow prompts, or a baseline (linear probe, full fine-tune)."""
 
     method: str = "vpt-deep"
-    num_prompts: int = 10
+    num_prompts: int | None = None  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
     dropout: float | None = None  # None = the paper's choice: 0.1 for vpt-deep, 0.0 otherwise
     proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
 
@@ -49,13 +52,29 @@ class PromptConfig:
     @property
     def length(self) -> int:
         """Prompt tokens actually inserted (baselines insert none)."""
-        return self.num_prompts if self.method in ("vpt-deep", "vpt-shallow") else 0
+        if self.method not in ("vpt-deep", "vpt-shallow"):
+            return 0
+        if self.num_prompts is None:
+            raise UsageError("prompt.num_prompts is 'auto' until resolve_prompts() has seen the backbone")
+        return self.num_prompts
+
+    def resolve_prompts(self, num_patches: int) -> None:
+        """Fill in an 'auto' (None) prompt count for a backbone with `num_patches` patch tokens."""
+        if self.num_prompts is None:
+            self.num_prompts = auto_num_prompts(num_patches)
 
     @property
     def resolved_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
         return 0.1 if self.deep else 0.0
+
+
+def auto_num_prompts(num_patches: int) -> int:
+    """About 5% of the patch tokens, at least 1: 10 at 224 px / 196 patches as in the paper, but 1 at
+    56 px / 16 patches, where 10 random prompts would be 37% of the tokens and drag the starting
+    features (and the probe-initialised head) below the plain linear probe (README, "Defaults")."""
+    return max(1, round(AUTO_PROMPT_FRACTION * num_patches))
 
 
 @dataclass
@@ -81,6 +100,7 @@ class TrainConfig:
     warmup_epochs: int | None = None  # None = a tenth of the epochs, as in the paper
     head_init: str = "probe"  # probe: fit a linear probe on the initial features first
     patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
+    select: str = "auto"  # best (on val) | last epoch | auto: best when val has >= 5 images per class
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -88,7 +108,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 3e-3 if self.optimizer == "adamw" else 2.5 * self.batch_size / 256
+        return 1e-2 if self.optimizer == "adamw" else 2.5 * self.batch_size / 256
 
     def resolved_head_lr(self) -> float:
         if self.head_lr is not None:
@@ -127,7 +147,9 @@ class RunConfig:
         _check_choice("data.augment", self.data.augment, AUGMENTS)
         _check_choice("train.head_init", self.train.head_init, HEAD_INITS)
         _check_choice("train.device", self.train.device, DEVICES)
-        if self.prompt.method.startswith("vpt") and self.prompt.num_prompts < 1:
+        _check_choice("train.select", self.train.select, SELECTS)
+        if (self.prompt.method.startswith("vpt") and self.prompt.num_prompts is not None
+                and self.prompt.num_prompts < 1):
             raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
         if not 0.0 <= self.prompt.resolved_dropout < 1.0:
             raise UsageError("prompt dropout must be in [0, 1)")

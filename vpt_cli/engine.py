@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vpt_cli.artifact import atomic_write
-from vpt_cli.config import TrainConfig
+from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TrainConfig
 from vpt_cli.errors import TaskError, TrainingInterrupted, UsageError
 from vpt_cli.metrics import EvalReport, MetricAccumulator
 from vpt_cli.prompts import PromptedViT
@@ -306,7 +306,10 @@ class TrainingRun:
 
     `fit` drives one run to the end; a sweep (vpt_cli.sweep) interleaves many runs and stops the
     hopeless ones between epochs. The best key is (val top-1, -val loss); the starting point
-    (the probe-initialised head) is a candidate too, so a run never ends below the probe.
+    (the probe-initialised head) is a candidate too, so a run never ends below the probe on val.
+    With `select` "last" (or "auto" and fewer than MIN_VAL_PER_CLASS_TO_SELECT val images per
+    class) every epoch replaces the kept weights and nothing stops early: on such a val split the
+    pick is noise, and it kept the untrained start on few-shot folders (README, "Defaults").
     """
 
     def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
@@ -322,6 +325,8 @@ class TrainingRun:
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_key": None, "since_best": 0,
                                       "history": [], "probe_val_acc": None, "run": run_fingerprint}
         self.best_state = self._snapshot()
+        tiny_val = val_loader is None or len(val_loader.dataset) < MIN_VAL_PER_CLASS_TO_SELECT * len(classes)
+        self.select_last = config.select == "last" or (config.select == "auto" and tiny_val)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.model.task_state_dict().items()}
@@ -363,7 +368,7 @@ class TrainingRun:
         """All epochs done, or no val improvement for `patience` epochs."""
         patience = self.config.patience
         return self.epoch >= self.config.epochs or bool(
-            patience and self.val_loader and self.state["since_best"] >= patience)
+            patience and self.val_loader and not self.select_last and self.state["since_best"] >= patience)
 
     def run_epoch(self) -> EpochStats:
         """Train one epoch, score it on val and keep it if it is the best so far."""
@@ -374,7 +379,7 @@ class TrainingRun:
         report = (evaluate(self.model, self.val_loader, self.classes, self.device, config.amp, self.reporter, "val")
                   if self.val_loader else None)
         key = (report.top1, -(report.loss or 0.0)) if report else (float(epoch), 0.0)
-        is_best = self.best_key is None or key > self.best_key
+        is_best = self.select_last or self.best_key is None or key > self.best_key
         if is_best:
             self.state.update(best_key=list(key), best_epoch=epoch, since_best=0)
             self.best_state = self._snapshot()

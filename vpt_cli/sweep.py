@@ -32,7 +32,7 @@ class Trial:
     """One grid point and how far it got."""
 
     index: int
-    num_prompts: int
+    num_prompts: int | None  # None = auto, resolved by run_sweep once the backbone is loaded
     lr: float
     weight_decay: float
     status: str = "queued"  # queued | running | stopped@<epoch> | done | not run (budget)
@@ -86,7 +86,7 @@ def rung_epochs(epochs: int, eta: int) -> list[int]:
     return sorted(set(rungs))
 
 
-def plan_sweep(lrs: list[float], weight_decays: list[float], prompt_lengths: list[int], epochs: int,
+def plan_sweep(lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None], epochs: int,
                eta: int = 3, budget: str | None = None) -> SweepPlan:
     """Order the grid cheapest first (fewer prompts = fewer tokens); within one prompt length,
     walk diagonals of the lr x wd grid so that a budget cut short still spans every lr and wd."""
@@ -94,7 +94,7 @@ def plan_sweep(lrs: list[float], weight_decays: list[float], prompt_lengths: lis
         raise UsageError("the sweep grid is empty: give at least one --lr, --weight-decay and --prompts value")
     if eta < 2:
         raise UsageError("--eta must be at least 2")
-    if any(lr <= 0 for lr in lrs) or any(wd < 0 for wd in weight_decays) or any(p < 1 for p in prompt_lengths):
+    if any(lr <= 0 for lr in lrs) or any(wd < 0 for wd in weight_decays) or any(p is not None and p < 1 for p in prompt_lengths):
         raise UsageError("sweep values must be lr > 0, weight decay >= 0 and prompts >= 1")
     points = []
     n_lr, n_wd = len(lrs), len(weight_decays)
@@ -169,6 +169,8 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
     prepared = api.prepare_run(config, task, force, quiet)
     if prepared.val_loader is None:
         raise UsageError("vpt sweep needs a validation split: add a val/ folder or use --val-split > 0")
+    for trial in plan.trials:  # an 'auto' length is the count prepare_run resolved for this backbone
+        trial.num_prompts = trial.num_prompts or config.prompt.num_prompts
     runs: dict[int, TrainingRun] = {}
     starts: dict[int, tuple[dict[str, torch.Tensor], float | None]] = {}  # probe head per prompt length
 
