@@ -19,15 +19,16 @@ import timm
 import torch
 
 from vpt_cli import __version__
-from vpt_cli.artifact import (Task, TaskInfo, atomic_write, load_task, resolve_task_path, runs_dir,
+from vpt_cli.artifact import (Task, TaskInfo, load_task, resolve_task_path, runs_dir,
                               save_task, task_name_from)
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig
-from vpt_cli.data import (ImageDataset, ImageLoadError, _auto_workers, build_transform, discover_splits,
+from vpt_cli.data import (ImageDataset, ImageLoadError, auto_workers, build_transform, discover_splits,
                           list_images, load_image, make_loader, scan_class_folders, validate_samples)
 from vpt_cli.engine import (Checkpoint, EpochStats, FitResult, Reporter, evaluate as run_evaluation, fit,
                             pick_device, probe_init_head, seed_everything)
 from vpt_cli.errors import DataError, PredictError, TaskError, UsageError
+from vpt_cli.fileio import atomic_write
 from vpt_cli.metrics import EvalReport, write_confusion_csv
 from vpt_cli.plots import render_confusion_png, render_history_png
 from vpt_cli.prompts import PromptedViT
@@ -358,7 +359,7 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
     image_batch = max(1, round((batch_size or server.auto_batch_size()) / pairs_per_image))
     dataset = _PredictDataset(files, server.transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=image_batch, shuffle=False, collate_fn=_collate_predict,
-                                         num_workers=_auto_workers(len(files)) if workers is None else workers)
+                                         num_workers=auto_workers(len(files)) if workers is None else workers)
     predictions: list[Prediction] = []
     read = 0
     started = time.perf_counter()

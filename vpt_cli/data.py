@@ -413,7 +413,7 @@ def collate_skip_bad(
     return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
 
 
-def _auto_workers(num_items: int) -> int:
+def auto_workers(num_items: int) -> int:
     """Loader processes: none for tiny datasets (start-up costs more than it saves)."""
     if num_items < _AUTO_WORKERS_MIN_ITEMS:
         return 0
@@ -424,7 +424,7 @@ def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False
 ) -> DataLoader:
     """A DataLoader that skips bad images and shuffles reproducibly for `seed`."""
-    workers = _auto_workers(len(dataset)) if workers is None else workers
+    workers = auto_workers(len(dataset)) if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(

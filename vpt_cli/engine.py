@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vpt_cli.artifact import atomic_write
+from vpt_cli.fileio import atomic_write
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TrainConfig
 from vpt_cli.errors import TaskError, TrainingInterrupted, UsageError
 from vpt_cli.metrics import EvalReport, MetricAccumulator

@@ -20,6 +20,7 @@ from typing import Any
 
 from vpt_cli.config import RunConfig
 from vpt_cli.errors import UsageError
+from vpt_cli.fileio import atomic_write
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-2)
@@ -114,8 +115,6 @@ def trial_config(base: RunConfig, trial: Trial) -> RunConfig:
 
 def write_trials_csv(trials: list[Trial], path: Path) -> None:
     """Every trial, run or not, one row each (rewritten after every rung)."""
-    from vpt_cli.fileio import atomic_write
-
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
