@@ -117,6 +117,22 @@ def _parse_backbone_args(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    return choice.value if choice else None
+
+
+def _run_overrides(data: Path, backbone: Optional[str], backbone_weights: Optional[Path], backbone_arg: list[str],
+                   img_size: Optional[int], method: Optional[Enum], epochs: Optional[int], seed: Optional[int],
+                   device: Optional[Enum], workers: Optional[int]) -> dict[str, Any]:
+    """Config overrides from the options `train` and `sweep` share (None: not given, YAML wins)."""
+    return {
+        "data.path": str(data), "backbone.name": backbone, "backbone.weights": _path(backbone_weights),
+        "backbone.img_size": img_size, "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
+        "prompt.method": _value(method), "train.epochs": epochs, "train.seed": seed, "train.device": _value(device),
+        "data.workers": workers,
+    }
+
+
 def _print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -160,18 +176,14 @@ def train(
         from vpt_cli import api
         from vpt_cli.config import load_config
 
-        overrides = {
-            "data.path": str(data), "backbone.name": backbone,
-            "backbone.weights": str(backbone_weights) if backbone_weights else None,
-            "backbone.img_size": img_size,
-            "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
-            "prompt.method": method.value if method else None, "prompt.num_prompts": prompts,
-            "prompt.dropout": prompt_dropout, "train.epochs": epochs, "train.batch_size": batch_size,
-            "train.optimizer": optimizer.value if optimizer else None, "train.lr": lr, "train.head_lr": head_lr,
-            "train.weight_decay": weight_decay, "data.val_split": val_split,
-            "data.augment": augment.value if augment else None, "train.patience": patience, "train.seed": seed,
-            "train.device": device.value if device else None, "train.amp": amp, "data.workers": workers,
-        }
+        overrides = _run_overrides(data, backbone, backbone_weights, backbone_arg, img_size, method, epochs, seed,
+                                   device, workers)
+        overrides.update({
+            "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "train.batch_size": batch_size,
+            "train.optimizer": _value(optimizer), "train.lr": lr, "train.head_lr": head_lr,
+            "train.weight_decay": weight_decay, "data.val_split": val_split, "data.augment": _value(augment),
+            "train.patience": patience, "train.amp": amp,
+        })
         run_config = load_config(config, overrides)
         result = api.train(run_config, task=task, force=force, resume=resume, reporter=_reporter(quiet or as_json))
         if as_json:
@@ -226,13 +238,8 @@ def sweep(
         from vpt_cli.render import LiveSweepTable, render_sweep
         from vpt_cli.sweep import plan_sweep, run_sweep
 
-        overrides = {
-            "data.path": str(data), "backbone.name": backbone,
-            "backbone.weights": str(backbone_weights) if backbone_weights else None, "backbone.img_size": img_size,
-            "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
-            "prompt.method": method.value if method else None, "train.epochs": epochs, "train.seed": seed,
-            "train.device": device.value if device else None, "data.workers": workers,
-        }
+        overrides = _run_overrides(data, backbone, backbone_weights, backbone_arg, img_size, method, epochs, seed,
+                                   device, workers)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
         plan = plan_sweep(_floats(lr, "--lr"), _floats(weight_decay, "--weight-decay"), lengths,
