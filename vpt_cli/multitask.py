@@ -4,9 +4,10 @@ Tasks differ only in their prompt tokens and heads, so a batch can carry a task 
 and still take ONE backbone pass. Each sample gets exactly what its task's PromptedViT would give
 it (shared/docs/vpt-method.md), including when tasks differ in prompt length or deep/shallow:
 
-* Prompt lengths: every sample gets `max_prompts` prompt slots; a shorter task's unused slots
-  are padding that a key mask hides from attention, and that is stripped before pooling (so an
-  average-pooling backbone averages exactly the task's own tokens). With one length, no mask.
+* Prompt lengths: every sample gets `max_prompts` prompt slots after its patch tokens; a shorter
+  task's unused slots are padding that a key mask hides from attention, and that is stripped
+  before pooling (so an average-pooling backbone averages exactly the task's own tokens). With
+  one length, no mask.
 * Deep/shallow: before blocks 1..L-1, deep samples get their layer's prompts; shallow samples
   keep the previous block's prompt outputs (a per-sample select, exact).
 * Heads: all heads are stacked into one matrix (padded classes have weight 0 and bias -inf, so
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vpt_cli.blocks import block_rows, rows_read_by_pooling
 from vpt_cli.prompts import PromptedViT, embed_tokens
 
 
@@ -73,34 +75,40 @@ class MultiTaskViT(nn.Module):
         return super().train(False)
 
     def forward_features(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass."""
+        """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass.
+
+        Prompt slots follow the patch tokens, as in `encode_with_prompts`, so blocks skip the
+        same unread rows (deep prompt outputs when every task is deep, non-CLS rows at the end).
+        """
         backbone, slots = self.backbone, self.max_prompts
         x = embed_tokens(backbone, images)
-        prefix = backbone.num_prefix_tokens
+        tokens = x.shape[1]
         lengths = self.prompt_lengths.index_select(0, task_index)
         mask = None
         if len(self.distinct_lengths) > 1:
-            patches = x.shape[1] - prefix
             keep = torch.arange(slots, device=x.device) < lengths[:, None]
-            ones = keep.new_ones(keep.shape[0], prefix + patches)
-            mask = torch.cat([ones[:, :prefix], keep, ones[:, prefix:]], dim=1)[:, None, None, :]
+            mask = torch.cat([keep.new_ones(keep.shape[0], tokens), keep], dim=1)[:, None, None, :]
         deep = self.deep.index_select(0, task_index)[:, None, None]
-        for index, block in enumerate(backbone.blocks):
+        blocks = backbone.blocks
+        for index, block in enumerate(blocks):
             if slots and index == 0:
-                x = torch.cat([x[:, :prefix], self._layer_prompts(0, task_index, x.dtype), x[:, prefix:]], dim=1)
+                x = torch.cat([x, self._layer_prompts(0, task_index, x.dtype)], dim=1)
             elif slots and self.any_deep:
                 prompts = self._layer_prompts(index, task_index, x.dtype)
                 if not self.all_deep:
-                    prompts = torch.where(deep, prompts, x[:, prefix : prefix + slots])
-                x = torch.cat([x[:, :prefix], prompts, x[:, prefix + slots :]], dim=1)
-            x = block(x) if mask is None else block(x, attn_mask=mask)
+                    prompts = torch.where(deep, prompts, x[:, tokens:])
+                x = torch.cat([x[:, :tokens], prompts], dim=1)
+            if index + 1 == len(blocks):
+                rows = rows_read_by_pooling(backbone, x.shape[1])
+            else:
+                rows = tokens if slots and self.all_deep else x.shape[1]
+            x = block_rows(block, x, rows, attn_mask=mask)
         x = backbone.norm(x)
-        if mask is None:
+        if mask is None or x.shape[1] <= tokens:  # no padding among the rows pooling reads
             return backbone.forward_head(x, pre_logits=True)
         pooled = None
         for length in self.distinct_lengths:  # pool each length without its padding slots
-            own = backbone.forward_head(torch.cat([x[:, : prefix + length], x[:, prefix + slots :]], dim=1),
-                                        pre_logits=True)
+            own = backbone.forward_head(x[:, : tokens + length], pre_logits=True)
             pooled = own if pooled is None else torch.where((lengths == length)[:, None], own, pooled)
         return pooled
 

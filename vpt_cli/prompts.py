@@ -4,7 +4,7 @@ The backbone is a stock timm `VisionTransformer`, so any checkpoint of that fami
 this module only re-runs its forward with prompt tokens spliced in after the prefix tokens
 (CLS and register tokens). Semantics follow shared/docs/vpt-method.md exactly:
 
-* prompts are inserted after position embeddings are added, so they get none;
+* prompts join the sequence after position embeddings are added, so they get none;
 * VPT-deep replaces the previous block's prompt outputs with the next layer's own prompts;
 * no attention mask; final norm and the backbone's own pooling, then a new linear head.
 """
@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vpt_cli.blocks import block_rows, rows_read_by_pooling
 from vpt_cli.config import PromptConfig
 
 # Called with (layer index, batch size); returns that layer's prompt tokens (B, N, D), or None
@@ -41,18 +42,30 @@ def encode_with_prompts(
 ) -> torch.Tensor:
     """The backbone's forward up to pooled pre-logits, with prompts from `prompt_source`.
 
-    Before block 0 the prompts are inserted after the prefix tokens; before a later block, a
-    non-None result replaces the `num_prompts` tokens there (VPT-deep). Shared by single-task
-    and mixed-task models, which differ only in where each sample's prompts come from.
+    Before block 0 the prompts are added to the sequence; before a later block, a non-None
+    result replaces them (VPT-deep). Shared by single-task and mixed-task models, which differ
+    only in where each sample's prompts come from.
+
+    The prompts ride at the end of the sequence rather than right after the prefix tokens: they
+    have no position embedding and nothing is masked, so attention treats tokens as a set and
+    the paper's [prefix, prompts, patches] order gives the same numbers up to float summation
+    order. Kept at the end, the rows nobody reads form a tail that `block_rows` can skip: the
+    prompt outputs a deep layer replaces, and all but CLS in the last block under CLS pooling.
     """
     x = embed_tokens(backbone, images)
-    prefix = backbone.num_prefix_tokens
-    for index, block in enumerate(backbone.blocks):
-        prompts = prompt_source(index, x.shape[0]) if num_prompts else None
+    batch, tokens = x.shape[:2]
+    blocks = backbone.blocks
+    upcoming = prompt_source(0, batch) if num_prompts else None
+    for index, block in enumerate(blocks):
+        prompts = upcoming
         if prompts is not None:
-            kept_from = prefix + (num_prompts if index > 0 else 0)
-            x = torch.cat([x[:, :prefix], prompts.to(x.dtype), x[:, kept_from:]], dim=1)
-        x = block(x)
+            x = torch.cat([x[:, :tokens], prompts.to(x.dtype)], dim=1)
+        if index + 1 < len(blocks):
+            upcoming = prompt_source(index + 1, batch) if num_prompts else None
+            rows = tokens if upcoming is not None else x.shape[1]
+        else:
+            rows = rows_read_by_pooling(backbone, x.shape[1])
+        x = block_rows(block, x, rows)
     x = backbone.norm(x)
     return backbone.forward_head(x, pre_logits=True)
 
