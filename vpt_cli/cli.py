@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from vpt_cli import __version__
-from vpt_cli.config import AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, OPTIMIZERS
+from vpt_cli.config import AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, SELECTS
 from vpt_cli.errors import UsageError, VPTError
 from vpt_cli.sweep import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
@@ -47,6 +47,7 @@ Method = _choices("Method", METHODS)
 Optimizer = _choices("Optimizer", OPTIMIZERS)
 Augment = _choices("Augment", AUGMENTS)
 Device = _choices("Device", DEVICES)
+Select = _choices("Select", SELECTS)
 OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
 ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
 
@@ -156,7 +157,8 @@ def train(
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (head; all but head bias with sgd). [default: 1e-4]"),
     val_split: Optional[float] = typer.Option(None, help="Stratified held-out fraction when DATA has no val/ folder. [default: 0.1]"),
     augment: Optional[Augment] = typer.Option(None, help="none, flip, or crop (random resized crop + flip). [default: flip]"),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without val improvement (0: never; a val split under 5 images per class keeps the last epoch and never stops). [default: 10]"),
+    select: Optional[Select] = typer.Option(None, help=f"Which epoch becomes the task: best (on val, the probe's start included), last, or auto: best when val has at least {MIN_VAL_PER_CLASS_TO_SELECT} images per class, else last. [default: auto]"),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without val improvement (0: never; only when the best epoch is kept). [default: 10]"),
     seed: Optional[int] = typer.Option(None, help="Seed for init, split and shuffling. [default: 0]"),
     device: Optional[Device] = typer.Option(None, help="auto picks cuda, then mps, then cpu. [default: auto]"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16, or fp16 on GPUs without bf16)."),
@@ -182,7 +184,7 @@ def train(
             "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "train.batch_size": batch_size,
             "train.optimizer": _value(optimizer), "train.lr": lr, "train.head_lr": head_lr,
             "train.weight_decay": weight_decay, "data.val_split": val_split, "data.augment": _value(augment),
-            "train.patience": patience, "train.amp": amp,
+            "train.select": _value(select), "train.patience": patience, "train.amp": amp,
         })
         run_config = load_config(config, overrides)
         result = api.train(run_config, task=task, force=force, resume=resume, reporter=_reporter(quiet or as_json))
