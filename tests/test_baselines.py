@@ -9,7 +9,7 @@ import torch
 
 from vpt_cli import api, engine
 from vpt_cli.artifact import read_task_info
-from vpt_cli.config import PromptConfig, RunConfig, TrainConfig, auto_num_prompts
+from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, PromptConfig, RunConfig, TrainConfig, auto_num_prompts
 from vpt_cli.prompts import PromptedViT
 
 from conftest import tiny_config
@@ -85,17 +85,26 @@ def test_auto_prompt_count_is_five_percent_of_the_patches_and_is_recorded(tiny_w
     assert api.load_task(result.task_path).tensors["prompts"].shape[1] == 1
 
 
-def test_a_val_split_under_five_per_class_keeps_the_last_epoch(tiny_weights, tmp_path):
-    data = tmp_path / "few_val"
-    shutil.copytree(SAMPLE / "train", data / "train")
-    for folder in (SAMPLE / "val").iterdir():
-        (data / "val" / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:2]:
-            shutil.copy(image, data / "val" / folder.name)
-    config = run_config(tiny_weights, "vpt-deep", epochs=4, lr=0.0, head_lr=0.0, patience=2)
-    config.data.path = str(data)
-    last = api.train(config, task="few-val")  # no change in val, yet no early stop and the last epoch kept
-    assert not last.stopped_early and last.best_epoch == 4 and all(h.is_best for h in last.history)
-    config.train.select = "best"
-    best = api.train(config, task="few-val-best", force=True)
-    assert best.stopped_early and best.best_epoch == 0
+def make_split(root: Path, val_per_class: int) -> Path:
+    """sample_data's train folder plus a val folder of `val_per_class` images per class."""
+    shutil.copytree(SAMPLE / "train", root / "train")
+    for folder in (SAMPLE / "train").iterdir():
+        (root / "val" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:val_per_class]:
+            shutil.copy(image, root / "val" / folder.name)
+    return root
+
+
+@pytest.mark.parametrize("val_per_class, auto_picks", [(MIN_VAL_PER_CLASS_TO_SELECT - 1, "last"),
+                                                       (MIN_VAL_PER_CLASS_TO_SELECT, "best")])
+def test_auto_selection_keeps_the_last_epoch_on_a_small_val_split(tiny_weights, tmp_path, val_per_class, auto_picks):
+    config = run_config(tiny_weights, "vpt-deep", epochs=3, lr=0.0, head_lr=0.0, patience=2)
+    config.data.path = str(make_split(tmp_path / "data", val_per_class))
+    other = {"last": "best", "best": "last"}[auto_picks]
+    for select, picks in (("auto", auto_picks), (other, other)):
+        config.train.select = select
+        result = api.train(config, task=f"val-{select}", force=True)  # val never changes: lr 0
+        if picks == "last":  # no early stop, the last epoch kept
+            assert not result.stopped_early and result.best_epoch == 3 and all(h.is_best for h in result.history)
+        else:
+            assert result.stopped_early and result.best_epoch == 0

@@ -58,14 +58,27 @@ def test_linear_head_fit_solves_a_separable_problem():
 
 
 def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weights):
-    config = tiny_run(tiny_weights, epochs=2, lr=50.0, head_lr=50.0, patience=0)  # lr that wrecks the model
+    config = tiny_run(tiny_weights, epochs=2, lr=50.0, head_lr=50.0, patience=0, select="best")  # lr that wrecks the model
     result = api.train(config, task="wrecked")
     assert result.probe_val_acc is not None
     assert result.val_report.top1 >= result.probe_val_acc - 1e-6
 
+    class Lines(engine.Reporter):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    config.train.select = "last"  # keeps the wrecked model, and says so
+    lines = Lines()
+    wrecked = api.train(config, task="wrecked", force=True, reporter=lines)
+    assert wrecked.val_report.top1 < wrecked.probe_val_acc - engine.LAST_EPOCH_WARNING_GAP
+    assert any(line.startswith("warning: the last epoch") for line in lines.lines)
+
 
 def test_early_stopping_without_improvement(tiny_weights):
-    config = tiny_run(tiny_weights, epochs=10, lr=0.0, head_lr=0.0, patience=2)
+    config = tiny_run(tiny_weights, epochs=10, lr=0.0, head_lr=0.0, patience=2, select="best")
     result = api.train(config, task="flat")
     assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 0
 

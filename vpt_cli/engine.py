@@ -301,6 +301,10 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+# A last epoch this far below the probe start on val is more than small-split noise: say so.
+LAST_EPOCH_WARNING_GAP = 0.1
+
+
 class TrainingRun:
     """One training run that advances an epoch at a time, keeping its best-on-val weights.
 
@@ -309,7 +313,8 @@ class TrainingRun:
     (the probe-initialised head) is a candidate too, so a run never ends below the probe on val.
     With `select` "last" (or "auto" and fewer than MIN_VAL_PER_CLASS_TO_SELECT val images per
     class) every epoch replaces the kept weights and nothing stops early: on such a val split the
-    pick is noise, and it kept the untrained start on few-shot folders (README, "Defaults").
+    pick is noise, and it kept the untrained start on few-shot folders (README, "Defaults"); a
+    warning says when the last epoch ends far below the start.
     """
 
     def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
@@ -401,6 +406,10 @@ class TrainingRun:
         self.model.load_task_state_dict(self.best_state)
         best_report = (evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter,
                                 "val") if self.val_loader else None)
+        start = self.state["probe_val_acc"]
+        if self.select_last and best_report and start is not None and best_report.top1 < start - LAST_EPOCH_WARNING_GAP:
+            self.reporter.log(f"warning: the last epoch scores {best_report.top1:.3f} on val, below the linear-probe "
+                              f"start's {start:.3f}; retry with a lower --lr, or --select best to keep the start")
         speeds = [h.images_per_sec for h in self.history]
         return FitResult(self.history, self.state["best_epoch"], best_report, stopped_early,
                          sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"])

@@ -3,11 +3,12 @@
 The paper picks lr and weight decay (and sometimes the prompt length) per task on a held-out
 split. Here every grid point is a `TrainingRun` on the same data and the same frozen backbone;
 trials advance together through successive-halving rungs (epochs E/eta^2, E/eta, E), and after
-each rung only the best 1/eta of them, by best val key so far, keep training. All trials share
+each rung only the best 1/eta of them, by the val score of the weights each would keep (its best
+epoch, or its latest under `train.select` last/auto on a small val split), keep training. All trials share
 one schedule length (E epochs), so a survivor simply continues; nothing is retrained.
 
-The winner's best-on-val weights are kept as the task (it is not retrained on train+val: with
-few images the val split is also what picks the epoch, and retraining would double the cost).
+The winner's kept weights become the task (it is not retrained on train+val: with few images
+the val split is also what picks the trial, and retraining would double the cost).
 """
 from __future__ import annotations
 
