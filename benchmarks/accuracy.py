@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. train.lr=1e-2")
+    parser.add_argument("--section", default="accuracy",
+                        help="docs/benchmarks.md section to rewrite; give a larger run its own (e.g. accuracy-shots)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()
     extra = {key: number_or_text(value) for key, _, value in (item.partition("=") for item in args.set)}
@@ -143,7 +145,7 @@ def main() -> None:
             f"{args.img_size} px, default `vpt train` settings" + (f" plus {extra}" if extra else "") + ".",
             table, summary,
         ])
-        write_section("accuracy", "Accuracy: few-shot Fashion-MNIST, DINOv2 ViT-S/14", body)
+        write_section(args.section, f"Accuracy: Fashion-MNIST, {args.shots} images per class, DINOv2 ViT-S/14", body)
 
 
 if __name__ == "__main__":
