@@ -104,6 +104,7 @@ def test_auto_selection_keeps_the_last_epoch_on_a_small_val_split(tiny_weights, 
     for select, picks in (("auto", auto_picks), (other, other)):
         config.train.select = select
         result = api.train(config, task=f"val-{select}", force=True)  # val never changes: lr 0
+        assert result.selection == picks
         if picks == "last":  # no early stop, the last epoch kept
             assert not result.stopped_early and result.best_epoch == 3 and all(h.is_best for h in result.history)
         else:

@@ -40,7 +40,7 @@ def test_train_eval_predict_export_on_sample_data(tiny_weights, tmp_path):
                   "--prompts", "2", "--batch-size", "32", "--select", "last", "--json")
     assert trained.exit_code == 0, trained.output
     summary = json.loads(trained.stdout)
-    assert summary["best_epoch"] == 2  # --select last
+    assert summary["best_epoch"] == 2 and summary["selection"] == "last"
     assert summary["classes"] == ["bag", "dress", "sneaker", "trouser"]
     assert summary["num_train"] == 160 and summary["num_val"] == 60
     assert len(summary["history"]) == 2

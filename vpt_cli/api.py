@@ -41,7 +41,8 @@ class TrainResult:
     classes: list[str]
     val_report: EvalReport | None
     history: list[EpochStats]
-    best_epoch: int
+    best_epoch: int  # the epoch kept as the task (0: the probe start), chosen by `selection`
+    selection: str
     stopped_early: bool
     train_images_per_sec: float
     probe_val_acc: float | None
@@ -59,7 +60,7 @@ class TrainResult:
             "task": self.task_name, "task_path": str(self.task_path), "classes": self.classes,
             "val": self.val_report.to_dict() if self.val_report else None,
             "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
-            "stopped_early": self.stopped_early, "train_images_per_sec": self.train_images_per_sec,
+            "selection": self.selection, "stopped_early": self.stopped_early, "train_images_per_sec": self.train_images_per_sec,
             "probe_val_acc": self.probe_val_acc, "num_train": self.num_train, "num_val": self.num_val,
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
             "trainable_params": self.trainable_params, "task_bytes": self.task_bytes,
@@ -168,7 +169,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
             "num_val": run.num_val, "skipped": len(run.skipped), "seed": config.train.seed,
             "stores": STORED_TENSORS[config.prompt.method],
-            "best_epoch": result.best_epoch, "epochs_run": len(history), "config": config.to_dict(),
+            "best_epoch": result.best_epoch, "selection": result.selection, "epochs_run": len(history), "config": config.to_dict(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"vpt_cli": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},
@@ -183,7 +184,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
     trainable = sum(p.numel() for group in model.trainable_parameters().values() for p in group)
     return TrainResult(
         task_path=run.task_path, task_name=run.name, classes=run.classes, val_report=report, history=history,
-        best_epoch=result.best_epoch, stopped_early=result.stopped_early,
+        best_epoch=result.best_epoch, selection=result.selection, stopped_early=result.stopped_early,
         train_images_per_sec=result.train_images_per_sec, probe_val_acc=result.probe_val_acc,
         num_train=run.num_train, num_val=run.num_val, skipped=run.skipped, trainable_params=trainable,
         task_bytes=saved.size_bytes,

@@ -70,6 +70,7 @@ class FitResult:
     stopped_early: bool
     train_images_per_sec: float
     probe_val_acc: float | None = None
+    selection: str = "best"  # which epoch was kept: "best" on val or "last"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -412,7 +413,8 @@ class TrainingRun:
                               f"start's {start:.3f}; retry with a lower --lr, or --select best to keep the start")
         speeds = [h.images_per_sec for h in self.history]
         return FitResult(self.history, self.state["best_epoch"], best_report, stopped_early,
-                         sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"])
+                         sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"],
+                         "last" if self.select_last else "best")
 
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],

@@ -19,13 +19,14 @@ def _pct(value: float | None) -> str:
 def render_train(console: Console, result: TrainResult) -> None:
     report = result.val_report
     ratio = result.task_bytes / max(result.backbone_bytes, 1)
+    kept = (f"{result.selection} epoch {result.best_epoch}" + (", stopped early" if result.stopped_early else "")
+            if result.history else "no epochs: linear probe")
     lines = [
         f"[green]saved[/] task [bold]{result.task_name}[/] -> {result.task_path}",
         f"  classes        {len(result.classes)} ({', '.join(result.classes[:8])}{', ...' if len(result.classes) > 8 else ''})",
         f"  images         {result.num_train} train, {result.num_val} val"
         + (f", {len(result.skipped)} skipped (see {result.run_dir / 'skipped.txt'})" if result.skipped else ""),
-        f"  val top-1      {_pct(report.top1 if report else None)} (best epoch {result.best_epoch}"
-        + (", stopped early" if result.stopped_early else "") + ")",
+        f"  val top-1      {_pct(report.top1 if report else None)} ({kept})",
         f"  linear probe   {_pct(result.probe_val_acc)} val top-1 before prompt training",
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",
