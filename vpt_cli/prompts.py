@@ -43,8 +43,8 @@ def encode_with_prompts(
     """The backbone's forward up to pooled pre-logits, with prompts from `prompt_source`.
 
     Before block 0 the prompts are added to the sequence; before a later block, a non-None
-    result replaces them (VPT-deep). Shared by single-task and mixed-task models, which differ
-    only in where each sample's prompts come from.
+    result replaces them (VPT-deep). vpt_cli.multitask runs the same layout with each sample's
+    own task prompts.
 
     The prompts ride at the end of the sequence rather than right after the prefix tokens: they
     have no position embedding and nothing is masked, so attention treats tokens as a set and
