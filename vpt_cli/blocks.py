@@ -46,6 +46,15 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int, attn_mask: torch.Te
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
+def rows_read_after(backbone: nn.Module, index: int, length: int, tokens: int, prompts_replaced: bool) -> int:
+    """How many leading rows of block `index`'s output (`length` rows) anything reads: after the
+    last block, what the pooling reads; before it, all rows, or only the `tokens` ahead of the
+    prompts when the next layer replaces them (VPT-deep)."""
+    if index + 1 == len(backbone.blocks):
+        return rows_read_by_pooling(backbone, length)
+    return tokens if prompts_replaced else length
+
+
 def rows_read_by_pooling(backbone: nn.Module, tokens: int) -> int:
     """How many leading rows of the last block the backbone's pooling reads: 1 for CLS-token
     pooling, all `tokens` for average/max/attention pooling (which cover the prompts too)."""

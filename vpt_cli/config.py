@@ -103,7 +103,7 @@ class TrainConfig:
     warmup_epochs: int | None = None  # None = a tenth of the epochs, as in the paper
     head_init: str = "probe"  # probe: fit a linear probe on the initial features first
     patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
-    select: str = "auto"  # best (on val) | last epoch | auto: best when val has >= 20 images per class
+    select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
     seed: int = 0
     device: str = "auto"
     amp: bool = False

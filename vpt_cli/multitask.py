@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vpt_cli.blocks import block_rows, rows_read_by_pooling
+from vpt_cli.blocks import block_rows, rows_read_after
 from vpt_cli.prompts import PromptedViT, embed_tokens
 
 
@@ -89,8 +89,7 @@ class MultiTaskViT(nn.Module):
             keep = torch.arange(slots, device=x.device) < lengths[:, None]
             mask = torch.cat([keep.new_ones(keep.shape[0], tokens), keep], dim=1)[:, None, None, :]
         deep = self.deep.index_select(0, task_index)[:, None, None]
-        blocks = backbone.blocks
-        for index, block in enumerate(blocks):
+        for index, block in enumerate(backbone.blocks):
             if slots and index == 0:
                 x = torch.cat([x, self._layer_prompts(0, task_index, x.dtype)], dim=1)
             elif slots and self.any_deep:
@@ -98,10 +97,7 @@ class MultiTaskViT(nn.Module):
                 if not self.all_deep:
                     prompts = torch.where(deep, prompts, x[:, tokens:])
                 x = torch.cat([x[:, :tokens], prompts], dim=1)
-            if index + 1 == len(blocks):
-                rows = rows_read_by_pooling(backbone, x.shape[1])
-            else:
-                rows = tokens if slots and self.all_deep else x.shape[1]
+            rows = rows_read_after(backbone, index, x.shape[1], tokens, self.all_deep)
             x = block_rows(block, x, rows, attn_mask=mask)
         x = backbone.norm(x)
         if mask is None or x.shape[1] <= tokens:  # no padding among the rows pooling reads

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vpt_cli.blocks import block_rows, rows_read_by_pooling
+from vpt_cli.blocks import block_rows, rows_read_after
 from vpt_cli.config import PromptConfig
 
 # Called with (layer index, batch size); returns that layer's prompt tokens (B, N, D), or None
@@ -57,15 +57,10 @@ def encode_with_prompts(
     blocks = backbone.blocks
     upcoming = prompt_source(0, batch) if num_prompts else None
     for index, block in enumerate(blocks):
-        prompts = upcoming
-        if prompts is not None:
-            x = torch.cat([x[:, :tokens], prompts.to(x.dtype)], dim=1)
-        if index + 1 < len(blocks):
-            upcoming = prompt_source(index + 1, batch) if num_prompts else None
-            rows = tokens if upcoming is not None else x.shape[1]
-        else:
-            rows = rows_read_by_pooling(backbone, x.shape[1])
-        x = block_rows(block, x, rows)
+        if upcoming is not None:
+            x = torch.cat([x[:, :tokens], upcoming.to(x.dtype)], dim=1)
+        upcoming = prompt_source(index + 1, batch) if num_prompts and index + 1 < len(blocks) else None
+        x = block_rows(block, x, rows_read_after(backbone, index, x.shape[1], tokens, upcoming is not None))
     x = backbone.norm(x)
     return backbone.forward_head(x, pre_logits=True)
 
