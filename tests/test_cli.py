@@ -35,6 +35,14 @@ def test_help_does_not_import_torch():
     assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
 
 
+def test_help_shows_the_defaults():
+    # rich markup would swallow an unescaped "[default: ...]" as a style tag
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "Training epochs. [default: 30]" in result.output
+    assert "[default: auto, 5% of the patch tokens" in result.output
+
+
 def test_train_eval_predict_export_on_sample_data(tiny_weights, tmp_path):
     trained = vpt("train", SAMPLE, "--task", "fashion", *tiny_flags(tiny_weights), "--epochs", "2",
                   "--prompts", "2", "--batch-size", "32", "--select", "last", "--json")
