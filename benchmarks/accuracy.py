@@ -1,10 +1,12 @@
 """Test accuracy of linear / vpt-shallow / vpt-deep / full on few-shot Fashion-MNIST, real weights.
 
-Every run is a default `vpt train` (library API, only method and seed changed) on a folder of k
-training images per class written as PNGs, so it measures exactly what a user gets: the same
-data pipeline, the 10% stratified val split, best-on-val selection. The task is then loaded back
-from its file and scored on a fixed held-out sample of the official test set. Rewrites the
-`accuracy` section of docs/benchmarks.md.
+Every run is a default `vpt train` (library API, only method, input size and seed changed) on a
+folder of k training images per class written as PNGs, so it measures exactly what a user gets:
+the same data pipeline, the 10% stratified val split, the default epoch selection. The task is
+then loaded back from its file and scored on a fixed held-out sample of the official test set.
+Each prompt method is compared with the linear probe seed by seed (same images, split and test
+sample), so the verdict is a paired difference with its standard error. Rewrites the `accuracy`
+section of docs/benchmarks.md (or `--section`).
 
 Data: Debian's dataset-fashion-mnist (idx files in /usr/share/datasets/fashion-mnist).
 Weights: ../shared/assets/dinov2_vits14.safetensors (a real pretrained DINOv2 ViT-S/14).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import statistics
 import sys
 import tempfile
@@ -74,27 +77,41 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
-def verdicts(results: dict[tuple[int, str], list[dict[str, float]]]) -> str:
-    """One line per (shots, prompt method): its test accuracy against the linear probe's, seed by seed."""
+def verdicts(results: dict[tuple[int, int, str], list[dict[str, float]]]) -> str:
+    """One line per (shots, size, prompt method): its test accuracy against the linear probe's on the
+    same seeds (same training images, split and test sample), as a paired mean difference."""
     lines = []
-    for (k, method), rows in results.items():
-        probe = results.get((k, "linear"))
+    for (k, size, method), rows in results.items():
+        probe = results.get((k, size, "linear"))
         if method == "linear" or probe is None:
             continue
         gains = [100 * (r["test"] - p["test"]) for r, p in zip(rows, probe)]
         wins = sum(g > 0 for g in gains)
-        lines.append(f"- {k} shots/class: {method} vs linear probe {statistics.mean(gains):+.1f} points test top-1 "
-                     f"(mean over seeds), ahead on {wins} of {len(gains)} seeds.")
+        spread = f" ± {statistics.stdev(gains) / len(gains) ** 0.5:.1f} (standard error)" if len(gains) > 1 else ""
+        lines.append(f"- {k} shots/class, {size} px: {method} vs linear probe {statistics.mean(gains):+.1f}{spread} "
+                     f"points test top-1, ahead on {wins} of {len(gains)} seeds.")
     return "\n".join(lines)
+
+
+def train_and_test(overrides: dict[str, object], task_path: Path, work: Path) -> dict[str, float]:
+    """One default `vpt train` with `overrides`, then the saved task scored on the test folder."""
+    started = time.perf_counter()
+    with PeakRSS() as memory:
+        trained = api.train(load_config(None, overrides), task=str(task_path))
+    seconds = time.perf_counter() - started
+    test = api.evaluate(work / "test", trained.task_path, output_dir=work / "eval").report
+    return {"test": test.top1, "val": trained.val_report.top1 if trained.val_report else float("nan"),
+            "seconds": seconds, "memory": memory.extra, "params": trained.trainable_params,
+            "bytes": trained.task_bytes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shots", default="10", help="training images per class, comma-separated (e.g. 10,50,100)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per (shots, method): sample, split and init")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per (shots, size, method): sample, split and init")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--test-per-class", type=int, default=100, help="fixed held-out test images per class")
-    parser.add_argument("--img-size", type=int, default=56)
+    parser.add_argument("--test-per-class", type=int, default=300, help="fixed held-out test images per class")
+    parser.add_argument("--img-size", default="56", help="input sizes in pixels, comma-separated (e.g. 56,112)")
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. train.lr=1e-2")
@@ -106,36 +123,31 @@ def main() -> None:
     train_x, train_y = read_idx(FASHION / "train-images-idx3-ubyte.gz"), read_idx(FASHION / "train-labels-idx1-ubyte.gz")
     test_x, test_y = read_idx(FASHION / "t10k-images-idx3-ubyte.gz"), read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
     shots = [int(s) for s in args.shots.split(",")]
+    sizes = [int(s) for s in args.img_size.split(",")]
     methods = args.methods.split(",")
-    results: dict[tuple[int, str], list[dict[str, float]]] = {}
+    results: dict[tuple[int, int, str], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_folder(work / "test", test_x, test_y, per_class(test_y, args.test_per_class, None))
-        for k in shots:
-            for seed in range(args.seeds):
-                data = work / f"k{k}_s{seed}"
+        for k, size, seed in itertools.product(shots, sizes, range(args.seeds)):
+            data = work / f"k{k}_s{seed}"
+            if not data.exists():
                 write_folder(data, train_x, train_y, per_class(train_y, k, np.random.default_rng(seed)))
-                for method in methods:
-                    overrides = {"data.path": str(data), "backbone.name": "vit_small_patch14_dinov2",
-                                 "backbone.weights": args.weights, "backbone.img_size": args.img_size,
-                                 "prompt.method": method, "train.seed": seed, **extra}
-                    started = time.perf_counter()
-                    with PeakRSS() as memory:
-                        trained = api.train(load_config(None, overrides), task=str(work / f"{data.name}_{method}.safetensors"))
-                    seconds = time.perf_counter() - started
-                    test = api.evaluate(work / "test", trained.task_path, output_dir=work / "eval").report
-                    row = {"test": test.top1, "val": trained.val_report.top1 if trained.val_report else float("nan"),
-                           "seconds": seconds, "memory": memory.extra, "params": trained.trainable_params,
-                           "bytes": trained.task_bytes}
-                    results.setdefault((k, method), []).append(row)
-                    print(f"k={k} seed={seed} {method:11s} test {test.top1:.4f} val {row['val']:.3f} "
-                          f"{seconds:.0f}s +{memory.extra / 2**20:.0f} MiB", flush=True)
+            for method in methods:
+                overrides = {"data.path": str(data), "backbone.name": "vit_small_patch14_dinov2",
+                             "backbone.weights": args.weights, "backbone.img_size": size,
+                             "prompt.method": method, "train.seed": seed, **extra}
+                row = train_and_test(overrides, work / f"{data.name}_{size}px_{method}.safetensors", work)
+                results.setdefault((k, size, method), []).append(row)
+                print(f"k={k} size={size} seed={seed} {method:11s} test {row['test']:.4f} val {row['val']:.3f} "
+                      f"{row['seconds']:.0f}s +{row['memory'] / 2**20:.0f} MiB", flush=True)
     table = markdown_table(
-        ["shots/class", "method", "test top-1 % (mean ± std)", "train wall time (s)", "peak train memory (MiB)",
+        ["shots/class", "px", "method", "test top-1 % (mean ± std)", "train wall time (s)", "peak train memory (MiB)",
          "trainable params", "task file"],
-        [[str(k), method, mean_std([r["test"] for r in rows], 100), mean_std([r["seconds"] for r in rows], digits=0),
-          f"{max(r['memory'] for r in rows) / 2**20:.0f}", f"{int(rows[0]['params']):,}",
-          f"{rows[0]['bytes'] / 1e3:,.0f} KB"] for (k, method), rows in results.items()])
+        [[str(k), str(size), method, mean_std([r["test"] for r in rows], 100),
+          mean_std([r["seconds"] for r in rows], digits=0), f"{max(r['memory'] for r in rows) / 2**20:.0f}",
+          f"{int(rows[0]['params']):,}", f"{rows[0]['bytes'] / 1e3:,.0f} KB"]
+         for (k, size, method), rows in results.items()])
     summary = verdicts(results)
     print(table, summary, sep="\n\n")
     if not args.no_docs:
