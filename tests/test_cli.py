@@ -118,11 +118,12 @@ def test_yaml_config_with_cli_override(tiny_weights, tmp_path):
         f"  weights: {tiny_weights}\n  kwargs: {json.dumps(TINY_KWARGS)}\n"
         "prompt:\n  method: vpt-shallow\n  num_prompts: 3\ntrain:\n  epochs: 3\n"
     )
-    result = vpt("train", SAMPLE, "--config", config, "--epochs", "1", "--task", "y", "--json")
+    result = vpt("train", SAMPLE, "--config", config, "--epochs", "1", "--prompt-init", "uniform", "--task", "y", "--json")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["history"]) == 1
     from vpt_cli.artifact import read_task_info, resolve_task_path
 
     info = read_task_info(resolve_task_path("y"))
     assert info.prompt["method"] == "vpt-shallow" and info.prompt["num_prompts"] == 3
+    assert info.prompt["init"] == "uniform"
     assert info.provenance["config"]["train"]["epochs"] == 1

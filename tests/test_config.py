@@ -51,3 +51,12 @@ def test_paper_defaults_and_resolved_values():
     assert sgd.train.resolved_warmup() == sgd.train.epochs // 10
     with pytest.raises(UsageError, match="--prompts"):
         load_config(None, {"prompt.num_prompts": 0})
+
+
+def test_token_prompt_init_refuses_a_projection():
+    assert load_config().prompt.init == "tokens"
+    with pytest.raises(UsageError, match="prompt.init: uniform"):
+        load_config(None, {"prompt.proj_dim": 16})
+    assert load_config(None, {"prompt.proj_dim": 16, "prompt.init": "uniform"}).prompt.proj_dim == 16
+    with pytest.raises(UsageError, match="prompt.init must be one of"):
+        load_config(None, {"prompt.init": "zeros"})

@@ -77,6 +77,18 @@ def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weigh
     assert any(line.startswith("warning: the last epoch") for line in lines.lines)
 
 
+@pytest.mark.parametrize("init", ["tokens", "uniform"])
+def test_start_seeds_prompts_from_training_images_unless_uniform(tiny_weights, init):
+    config = tiny_run(tiny_weights, epochs=1)
+    config.prompt.init = init
+    run = api.prepare_run(config, "start", True, engine.Reporter())
+    model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
+    paper_init = model.prompts.detach().clone()
+    engine.TrainingRun(model, run.train_loader, run.val_loader, run.classes, config.train, run.device,
+                       engine.Reporter()).start(run.probe_loader)
+    assert torch.equal(model.prompts, paper_init) == (init == "uniform")
+
+
 def test_early_stopping_without_improvement(tiny_weights):
     config = tiny_run(tiny_weights, epochs=10, lr=0.0, head_lr=0.0, patience=2, select="best")
     result = api.train(config, task="flat")

@@ -71,6 +71,35 @@ def test_init_bound_matches_paper_and_is_respected(tiny_backbone):
     assert model.prompts.abs().max() > 0.8 * bound  # uniform over the whole range, not zeros
 
 
+def plain_block_inputs(backbone, images):
+    """Each block's input patch tokens (rows of all images) in the unprompted forward."""
+    tokens = torch.cat([backbone.cls_token.expand(len(images), -1, -1),
+                        backbone.patch_embed.proj(images).flatten(2).transpose(1, 2)], dim=1) + backbone.pos_embed
+    inputs = []
+    for block in backbone.blocks:
+        inputs.append(tokens[:, 1:].reshape(-1, tokens.shape[-1]))
+        tokens = block(tokens)
+    return inputs
+
+
+@pytest.mark.parametrize("method, layers", [("vpt-deep", 2), ("vpt-shallow", 1)])
+def test_token_init_starts_each_prompt_as_a_patch_token_of_its_layer(tiny_backbone, method, layers):
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    model = PromptedViT(tiny_backbone.model, 3, PromptConfig(method=method, num_prompts=6))
+    model.init_prompts_from_tokens(images)
+    inputs = plain_block_inputs(tiny_backbone.model, images)
+    assert model.prompts.shape[0] == layers
+    for layer in range(layers):
+        distances = torch.cdist(model.prompts[layer].detach(), inputs[layer], compute_mode="donot_use_mm_for_euclid_dist")
+        nearest = distances.min(dim=1).values
+        assert nearest.max() < 1e-5  # every prompt is one of that layer's patch tokens
+        assert len(torch.unique(model.prompts[layer], dim=0)) > 1  # drawn at random, not one token repeated
+    projected = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2, proj_dim=8, init="uniform"))
+    with pytest.raises(ValueError, match="projection"):
+        projected.init_prompts_from_tokens(images)
+
+
 def test_only_prompts_and_head_get_gradients(tiny_backbone):
     model = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2, proj_dim=8)).train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()

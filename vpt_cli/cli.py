@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 
 from vpt_cli import __version__
-from vpt_cli.config import AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, SELECTS
+from vpt_cli.config import (AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS,
+                            PROMPT_INITS, SELECTS, TOKEN_INIT_IMAGES)
 from vpt_cli.errors import UsageError, VPTError
 from vpt_cli.sweep import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
@@ -48,6 +49,7 @@ Optimizer = _choices("Optimizer", OPTIMIZERS)
 Augment = _choices("Augment", AUGMENTS)
 Device = _choices("Device", DEVICES)
 Select = _choices("Select", SELECTS)
+PromptInit = _choices("PromptInit", PROMPT_INITS)
 OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
 ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
 
@@ -149,6 +151,7 @@ def train(
     method: Optional[Method] = typer.Option(None, help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. \\[default: vpt-deep]"),
     prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompt tokens per layer. \\[default: auto, 5% of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px]"),
     prompt_dropout: Optional[float] = typer.Option(None, help="Dropout on prompt tokens. \\[default: 0.1 deep, 0.0 shallow]"),
+    prompt_init: Optional[PromptInit] = typer.Option(None, help=f"How prompts start: tokens (patch tokens the frozen backbone sees at each layer, from {TOKEN_INIT_IMAGES} training images) or uniform (the paper's random init). \\[default: tokens]"),
     epochs: Optional[int] = typer.Option(None, help="Training epochs. \\[default: 30]"),
     batch_size: Optional[int] = typer.Option(None, help="Images per step. \\[default: 32]"),
     optimizer: Optional[Optimizer] = typer.Option(None, help="adamw (tuned for small folders) or sgd (the paper's recipe). \\[default: adamw]"),
@@ -181,7 +184,8 @@ def train(
         overrides = _run_overrides(data, backbone, backbone_weights, backbone_arg, img_size, method, epochs, seed,
                                    device, workers)
         overrides.update({
-            "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "train.batch_size": batch_size,
+            "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "prompt.init": _value(prompt_init),
+            "train.batch_size": batch_size,
             "train.optimizer": _value(optimizer), "train.lr": lr, "train.head_lr": head_lr,
             "train.weight_decay": weight_decay, "data.val_split": val_split, "data.augment": _value(augment),
             "train.select": _value(select), "train.patience": patience, "train.amp": amp,

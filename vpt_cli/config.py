@@ -21,6 +21,8 @@ OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "flip", "crop")
 AUTO_PROMPT_FRACTION = 0.05  # of the patch tokens: the paper's 10 prompts at 224 px / 196 patches
 HEAD_INITS = ("probe", "zeros")
+PROMPT_INITS = ("tokens", "uniform")
+TOKEN_INIT_IMAGES = 32  # training images whose patch tokens seed the prompts (prompt.init "tokens")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SELECTS = ("auto", "best", "last")
 # Below this, best-on-val is noise: top-1 on a val split of n images has a standard error near
@@ -47,6 +49,7 @@ class PromptConfig:
     num_prompts: int | None = None  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
     dropout: float | None = None  # None = the paper's choice: 0.1 for vpt-deep, 0.0 otherwise
     proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
+    init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
 
     @property
     def deep(self) -> bool:
@@ -149,6 +152,10 @@ class RunConfig:
         _check_choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
         _check_choice("data.augment", self.data.augment, AUGMENTS)
         _check_choice("train.head_init", self.train.head_init, HEAD_INITS)
+        _check_choice("prompt.init", self.prompt.init, PROMPT_INITS)
+        if self.prompt.init == "tokens" and self.prompt.proj_dim:
+            raise UsageError("prompt.init 'tokens' copies backbone tokens, which a prompt projection (proj_dim) "
+                             "cannot take; set prompt.init: uniform to use one")
         _check_choice("train.device", self.train.device, DEVICES)
         _check_choice("train.select", self.train.select, SELECTS)
         if (self.prompt.method.startswith("vpt") and self.prompt.num_prompts is not None

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vpt_cli.fileio import atomic_write
-from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TrainConfig
+from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.errors import TaskError, TrainingInterrupted, UsageError
 from vpt_cli.metrics import EvalReport, MetricAccumulator
 from vpt_cli.prompts import PromptedViT
@@ -182,6 +182,18 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     return weight.detach(), bias.detach()
 
 
+def sample_images(dataset: Any, count: int) -> torch.Tensor:
+    """Up to `count` readable images of `dataset`, drawn at random (torch's seeded generator)."""
+    images = []
+    for index in torch.randperm(len(dataset)).tolist():
+        item = dataset[index]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == count:
+            break
+    return torch.stack(images)
+
+
 def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
                     device: torch.device, amp: bool, reporter: Reporter) -> float | None:
     """Set the head to the best linear probe on the model's initial features (LP-then-tune).
@@ -338,14 +350,18 @@ class TrainingRun:
         return {k: v.clone() for k, v in self.model.task_state_dict().items()}
 
     def start(self, probe_loader: Any | None, start_from: tuple[dict[str, torch.Tensor], float | None] | None = None) -> None:
-        """Initialise the head (probe fit on `probe_loader`, or a shared `start_from` = (weights,
-        probe acc)) and score the starting point on val."""
+        """Initialise prompts and head from `probe_loader` (token init, probe fit) or from a shared
+        `start_from` = (weights, probe acc), and score the starting point on val."""
         if start_from is not None:
             self.model.load_task_state_dict(start_from[0])
             self.state["probe_val_acc"] = start_from[1]
-        elif self.config.head_init == "probe":
-            self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
-                                                          self.config.amp, self.reporter)
+        else:
+            if self.model.prompt_init == "tokens":
+                images = sample_images(probe_loader.dataset, TOKEN_INIT_IMAGES).to(self.device)
+                self.model.init_prompts_from_tokens(images)
+            if self.config.head_init == "probe":
+                self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
+                                                              self.config.amp, self.reporter)
         self.best_state = self._snapshot()
         if self.val_loader:
             start = evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val")

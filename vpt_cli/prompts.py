@@ -37,6 +37,23 @@ def embed_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return backbone.norm_pre(x)
 
 
+@torch.no_grad()
+def sample_patch_tokens(backbone: nn.Module, images: torch.Tensor, depth: int, count: int) -> torch.Tensor:
+    """(depth, count, D): for each of the first `depth` blocks, `count` patch tokens of its input in
+    the plain (unprompted) forward of `images`, each from a random image and position."""
+    x = embed_tokens(backbone, images)
+    prefix = backbone.num_prefix_tokens
+    picks = []
+    for index, block in enumerate(backbone.blocks[:depth]):
+        patches = x[:, prefix:]
+        image = torch.randint(patches.shape[0], (count,)).to(patches.device)
+        position = torch.randint(patches.shape[1], (count,)).to(patches.device)
+        picks.append(patches[image, position])
+        if index + 1 < depth:
+            x = block(x)
+    return torch.stack(picks)
+
+
 def encode_with_prompts(
     backbone: nn.Module, images: torch.Tensor, prompt_source: PromptSource, num_prompts: int
 ) -> torch.Tensor:
@@ -91,6 +108,7 @@ class PromptedViT(nn.Module):
                 self.prompt_proj = nn.Linear(prompt.proj_dim, width)
                 nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
             self.prompt_dropout = nn.Dropout(prompt.resolved_dropout)
+        self.prompt_init = prompt.init if self.num_prompts else None
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.train_backbone = prompt.method == "full"
         backbone.requires_grad_(self.train_backbone)
@@ -101,6 +119,18 @@ class PromptedViT(nn.Module):
         super().train(mode)
         self.backbone.train(mode and self.train_backbone)
         return self
+
+    def init_prompts_from_tokens(self, images: torch.Tensor) -> None:
+        """Start each prompt as a patch token that the frozen backbone feeds its layer for `images`
+        (prompt.init "tokens"). Such a prompt looks like one more patch to attention, so the
+        starting features, and the probe head fitted on them, stay close to the unprompted
+        backbone's, where the paper's uniform init costs a few points before training starts
+        (README, "Defaults")."""
+        if self.prompts.shape[-1] != self.backbone.embed_dim:
+            raise ValueError("token init needs prompts in the backbone's width (no projection)")
+        tokens = sample_patch_tokens(self.backbone, images, self.prompts.shape[0], self.num_prompts)
+        with torch.no_grad():
+            self.prompts.copy_(tokens)
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
         """Projected prompts for `layer`, expanded per sample, then dropped out per sample."""
