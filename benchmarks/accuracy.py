@@ -6,7 +6,8 @@ the same data pipeline, the 10% stratified val split, the default epoch selectio
 then loaded back from its file and scored on a fixed held-out sample of the official test set.
 Each prompt method is compared with the linear probe seed by seed (same images, split and test
 sample), so the verdict is a paired difference with its standard error. Rewrites the `accuracy`
-section of docs/benchmarks.md (or `--section`).
+section of docs/benchmarks.md (or `--section`): the table, the verdicts and a paragraph written
+from the numbers.
 
 Data: Debian's dataset-fashion-mnist (idx files in /usr/share/datasets/fashion-mnist).
 Weights: ../shared/assets/dinov2_vits14.safetensors (a real pretrained DINOv2 ViT-S/14).
@@ -77,20 +78,64 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
-def verdicts(results: dict[tuple[int, int, str], list[dict[str, float]]]) -> str:
+Results = dict[tuple[int, int, str], list[dict[str, float]]]
+
+
+def paired_gains(results: Results, k: int, size: int, method: str) -> list[float]:
+    """Test top-1 points of `method` over the linear probe, seed by seed (same images, split, test)."""
+    return [100 * (r["test"] - p["test"]) for r, p in zip(results[k, size, method], results[k, size, "linear"])]
+
+
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+
+def compared(results: Results) -> list[tuple[int, int, str]]:
+    """The (shots, size, method) keys that have a linear probe to be compared with."""
+    return [(k, size, method) for k, size, method in results
+            if method != "linear" and (k, size, "linear") in results]
+
+
+def verdicts(results: Results) -> str:
     """One line per (shots, size, prompt method): its test accuracy against the linear probe's on the
-    same seeds (same training images, split and test sample), as a paired mean difference."""
+    same seeds, as a paired mean difference."""
     lines = []
-    for (k, size, method), rows in results.items():
-        probe = results.get((k, size, "linear"))
-        if method == "linear" or probe is None:
-            continue
-        gains = [100 * (r["test"] - p["test"]) for r, p in zip(rows, probe)]
-        wins = sum(g > 0 for g in gains)
-        spread = f" ± {statistics.stdev(gains) / len(gains) ** 0.5:.1f} (standard error)" if len(gains) > 1 else ""
+    for k, size, method in compared(results):
+        gains = paired_gains(results, k, size, method)
+        spread = f" ± {standard_error(gains):.1f} (standard error)" if len(gains) > 1 else ""
         lines.append(f"- {k} shots/class, {size} px: {method} vs linear probe {statistics.mean(gains):+.1f}{spread} "
-                     f"points test top-1, ahead on {wins} of {len(gains)} seeds.")
+                     f"points test top-1, ahead on {sum(g > 0 for g in gains)} of {len(gains)} seeds.")
     return "\n".join(lines)
+
+
+def ratio_range(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.0f}x" if round(low) == round(high) else f"{low:.0f}-{high:.0f}x"
+
+
+def reading(results: Results) -> str:
+    """What the table shows, written from the numbers so that it is regenerated with them."""
+    sentences = []
+    for method in ("vpt-deep", "vpt-shallow", "full"):
+        keys = [key for key in compared(results) if key[2] == method]
+        if not keys:
+            continue
+        gains = [paired_gains(results, k, size, method) for k, size, _ in keys]
+        ahead = sum(statistics.mean(g) > 0 for g in gains)
+        clear = sum(statistics.mean(g) > 2 * standard_error(g) for g in gains)
+        slower = [statistics.mean(r["seconds"] for r in results[key]) /
+                  statistics.mean(r["seconds"] for r in results[key[0], key[1], "linear"]) for key in keys]
+        label = "Default `vpt train` (vpt-deep)" if method == "vpt-deep" else f"`--method {method}`"
+        sentences.append(f"{label} is ahead of the linear probe on average in {ahead} of {len(keys)} settings, "
+                         f"by more than two standard errors in {clear}, and trains {ratio_range(slower)} as long "
+                         f"(the probe computes features once; {method} runs backward passes every epoch).")
+    both = [(k, size) for k, size, method in results if method == "full" and (k, size, "vpt-deep") in results]
+    if both:
+        deep, full = (results[(*both[0], method)][0]["bytes"] for method in ("vpt-deep", "full"))
+        sentences.append(f"At {both[0][1]} px a vpt-deep task file is {deep / 1e3:,.0f} KB against the full "
+                         f"fine-tune's {full / 1e6:,.0f} MB.")
+    sentences.append("A difference within two standard errors of zero is not yet a result: more `--seeds` resolve it.")
+    return "What it shows: " + " ".join(sentences)
 
 
 def train_and_test(overrides: dict[str, object], task_path: Path, work: Path) -> dict[str, float]:
@@ -125,7 +170,7 @@ def main() -> None:
     shots = [int(s) for s in args.shots.split(",")]
     sizes = [int(s) for s in args.img_size.split(",")]
     methods = args.methods.split(",")
-    results: dict[tuple[int, int, str], list[dict[str, float]]] = {}
+    results: Results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_folder(work / "test", test_x, test_y, per_class(test_y, args.test_per_class, None))
@@ -148,7 +193,7 @@ def main() -> None:
           mean_std([r["seconds"] for r in rows], digits=0), f"{max(r['memory'] for r in rows) / 2**20:.0f}",
           f"{int(rows[0]['params']):,}", f"{rows[0]['bytes'] / 1e3:,.0f} KB"]
          for (k, size, method), rows in results.items()])
-    summary = verdicts(results)
+    summary = verdicts(results) + "\n\n" + reading(results)
     print(table, summary, sep="\n\n")
     if not args.no_docs:
         body = "\n\n".join([
