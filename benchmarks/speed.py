@@ -3,7 +3,7 @@
 Same backbone, same batch, same engine code (`vpt_cli.engine.train_one_epoch` with the engine's
 optimiser) for vpt-deep, vpt-shallow, linear and full fine-tuning; then the forward of a trained
 task against the bare timm forward. Prints the ratios the project promises and rewrites the
-`speed` section of docs/benchmarks.md.
+`speed` section of docs/benchmarks.md, ending with a paragraph written from the numbers.
 
 Peak memory on a CPU is the process's resident set sampled every half millisecond during the
 steps, minus what was resident before the method's model and optimiser existed. glibc's malloc is
@@ -67,6 +67,23 @@ def forward_seconds(forwards: list, images: torch.Tensor, repeats: int) -> list[
     return best
 
 
+def reading(rows: dict[str, dict[str, float]], throughput_ratio: float, prompts: int) -> str:
+    """What the tables show, written from the numbers so that it is regenerated with them."""
+    deep, full, linear = rows["vpt-deep"], rows["full"], rows["linear"]
+    cheaper = ": the CLS-only last block saves more than the prompts cost" if throughput_ratio >= 1 else ""
+    return (
+        f"What it shows: a vpt-deep step takes {deep['step'] / full['step']:.2f}x a full fine-tune's and "
+        f"{deep['step'] / linear['step']:.1f}x a linear probe's (a forward and the head's gradient). Prompts at layer 0 "
+        "need gradients through every block, so the input-gradient half of the backward runs as in a full "
+        "fine-tune; what is saved is the weight gradients and their optimiser state. Peak training memory is "
+        f"{deep['memory'] / full['memory']:.2f}x the full fine-tune's: no gradient or optimiser state exists for "
+        "frozen weights and blocks compute only the rows something reads (vpt_cli/blocks.py); what remains are "
+        "the activations the input gradients need. vpt-deep trains "
+        f"{int(deep['trainable']):,} parameters, {100 * deep['trainable'] / full['trainable']:.2f}% of the full "
+        f"fine-tune's. A task with {prompts} prompts predicts at {throughput_ratio:.2f}x the bare backbone's "
+        f"throughput{cheaper}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="backbone safetensors file")
@@ -126,13 +143,13 @@ def main() -> None:
     check_table = markdown_table(["ratio", "measured", "target", "met"],
                                  [[name, f"{value:.3f}", target, "yes" if ok else "**no**"]
                                   for name, value, target, ok in checks])
-    print(method_table, predict_table, check_table, sep="\n\n")
+    print(method_table, predict_table, check_table, reading(rows, throughput_ratio, args.prompts), sep="\n\n")
     if not args.no_docs:
         body = "\n\n".join([
             f"{machine_line()}; {args.backbone} at {args.img_size} px ({patches} patches), batch {args.batch_size}, "
             f"{args.prompts} prompts, random inputs; step time = best of {args.rounds} interleaved rounds of "
             f"{args.steps} steps after one warm-up step (which gives the memory peak).",
-            method_table, predict_table, check_table,
+            method_table, predict_table, check_table, reading(rows, throughput_ratio, args.prompts),
         ])
         write_section("speed", "Speed and memory", body)
 
