@@ -134,6 +134,8 @@ def reading(results: Results) -> str:
         deep, full = (results[(*both[0], method)][0]["bytes"] for method in ("vpt-deep", "full"))
         sentences.append(f"At {both[0][1]} px a vpt-deep task file is {deep / 1e3:,.0f} KB against the full "
                          f"fine-tune's {full / 1e6:,.0f} MB.")
+    if not sentences:
+        return ""
     sentences.append("A difference within two standard errors of zero is not yet a result: more `--seeds` resolve it.")
     return "What it shows: " + " ".join(sentences)
 
@@ -193,7 +195,7 @@ def main() -> None:
           mean_std([r["seconds"] for r in rows], digits=0), f"{max(r['memory'] for r in rows) / 2**20:.0f}",
           f"{int(rows[0]['params']):,}", f"{rows[0]['bytes'] / 1e3:,.0f} KB"]
          for (k, size, method), rows in results.items()])
-    summary = verdicts(results) + "\n\n" + reading(results)
+    summary = "\n\n".join(part for part in (verdicts(results), reading(results)) if part)
     print(table, summary, sep="\n\n")
     if not args.no_docs:
         body = "\n\n".join([
@@ -202,7 +204,8 @@ def main() -> None:
             f"{args.img_size} px, default `vpt train` settings" + (f" plus {extra}" if extra else "") + ".",
             table, summary,
         ])
-        write_section(args.section, f"Accuracy: Fashion-MNIST, {args.shots} images per class, DINOv2 ViT-S/14", body)
+        title = f"Accuracy: Fashion-MNIST, {args.shots} images per class, {args.img_size} px, DINOv2 ViT-S/14"
+        write_section(args.section, title, body)
 
 
 if __name__ == "__main__":
