@@ -38,8 +38,9 @@ import torch  # noqa: E402
 from vpt_cli.artifact import Task, TaskInfo, load_task, resolve_task_path, save_task, tasks_dir  # noqa: E402
 from vpt_cli.backbones import Backbone, create_backbone  # noqa: E402
 from vpt_cli.config import BackboneConfig, PromptConfig  # noqa: E402
-from vpt_cli.prompts import PromptedViT  # noqa: E402
-from vpt_cli.serving import load_tasks, task_model  # noqa: E402
+from vpt_cli.models.prompted import PromptedViT  # noqa: E402
+from vpt_cli.inference import task_model  # noqa: E402
+from vpt_cli.serving import load_tasks  # noqa: E402
 
 BACKBONE = "vit_small_patch14_dinov2"
 SAMPLE_IMAGES = ROOT / "sample_data" / "val"

@@ -27,8 +27,9 @@ import torch  # noqa: E402
 
 from vpt_cli.backbones import create_backbone  # noqa: E402
 from vpt_cli.config import BackboneConfig, PromptConfig, TrainConfig  # noqa: E402
-from vpt_cli.engine import Reporter, build_optimizer, train_one_epoch, warmup_cosine  # noqa: E402
-from vpt_cli.prompts import PromptedViT  # noqa: E402
+from vpt_cli.engine import build_optimizer, train_one_epoch, warmup_cosine  # noqa: E402
+from vpt_cli.reporting import Reporter  # noqa: E402
+from vpt_cli.models.prompted import PromptedViT  # noqa: E402
 
 METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
 
@@ -77,7 +78,7 @@ def reading(rows: dict[str, dict[str, float]], throughput_ratio: float, prompts:
         "need gradients through every block, so the input-gradient half of the backward runs as in a full "
         "fine-tune; what is saved is the weight gradients and their optimiser state. Peak training memory is "
         f"{deep['memory'] / full['memory']:.2f}x the full fine-tune's: no gradient or optimiser state exists for "
-        "frozen weights and blocks compute only the rows something reads (vpt_cli/blocks.py); what remains are "
+        "frozen weights and blocks compute only the rows something reads (vpt_cli/models/rows.py); what remains are "
         "the activations the input gradients need. vpt-deep trains "
         f"{int(deep['trainable']):,} parameters, {100 * deep['trainable'] / full['trainable']:.2f}% of the full "
         f"fine-tune's. A task with {prompts} prompts predicts at {throughput_ratio:.2f}x the bare backbone's "

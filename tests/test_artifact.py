@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -40,13 +42,11 @@ def test_existing_task_is_not_overwritten_without_force(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import vpt_cli.artifact as artifact
-
-    def broken(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half")
+    def broken(path, data):
+        open(path, "wb").write(data[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "save_file", broken)
+    monkeypatch.setattr(Path, "write_bytes", broken)
     with pytest.raises(OSError):
         save_task(make_task(), tmp_path / "t.safetensors")
     assert list(tmp_path.iterdir()) == []
@@ -84,7 +84,7 @@ def test_registry_names_and_paths(isolated_home, tmp_path):
 def test_vit_b16_deep_task_is_under_one_percent_of_the_backbone(tmp_path):
     from vpt_cli.backbones import create_backbone
     from vpt_cli.config import BackboneConfig, PromptConfig
-    from vpt_cli.prompts import PromptedViT
+    from vpt_cli.models.prompted import PromptedViT
 
     backbone = create_backbone(BackboneConfig(name="vit_base_patch16_224"), pretrained=False)
     model = PromptedViT(backbone.model, 200, PromptConfig(method="vpt-deep", num_prompts=10))

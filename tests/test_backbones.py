@@ -93,9 +93,13 @@ def test_backbone_is_frozen_and_in_eval_mode(tiny_backbone):
     assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
 
 
-def test_non_vit_models_are_refused():
-    with pytest.raises(BackboneError, match="not a ViT-family"):
+def test_non_vit_models_are_refused_before_weights_are_read(tmp_path):
+    with pytest.raises(BackboneError, match="ResNet .* not a supported backbone family; supported: vit"):
         create_backbone(BackboneConfig(name="resnet18"), pretrained=False)
+    unreadable = tmp_path / "weights.safetensors"
+    unreadable.write_bytes(b"not weights")  # reading it would fail with another message
+    with pytest.raises(BackboneError, match="not a supported backbone family"):
+        create_backbone(BackboneConfig(name="resnet18", weights=str(unreadable)))
 
 
 def test_without_dns_the_hub_is_asked_in_offline_mode_only(monkeypatch):

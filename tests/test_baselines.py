@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from vpt_cli import api, engine
-from vpt_cli.artifact import read_task_info
+from vpt_cli.artifact import load_task, read_task_info
+from vpt_cli.backbones import create_backbone
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, PromptConfig, RunConfig, TrainConfig, auto_num_prompts
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.inference import load_for_inference
+from vpt_cli.models.prompted import PromptedViT
 
 from conftest import tiny_config
 
@@ -28,12 +30,11 @@ def run_config(weights: Path, method: str, **train) -> RunConfig:
 def test_full_finetune_groups_give_the_backbone_a_lower_lr(tiny_backbone):
     model = PromptedViT(tiny_backbone.model, 3, PromptConfig(method="full"))
     groups = {g["name"]: g for g in engine.build_optimizer(model, TrainConfig()).param_groups}
-    backbone = [g for name, g in groups.items() if name.startswith("backbone.")]
-    assert len(backbone) == sum(1 for _ in tiny_backbone.model.parameters())
-    assert {g["lr"] for g in backbone} == {engine.FULL_FINETUNE_LR}
-    assert engine.FULL_FINETUNE_LR < groups["head.weight"]["lr"] / 10
+    assert len(groups["backbone"]["params"]) == sum(1 for _ in tiny_backbone.model.parameters())
+    assert groups["backbone"]["lr"] == engine.FULL_FINETUNE_LR
+    assert engine.FULL_FINETUNE_LR < groups["head"]["lr"] / 10
     explicit = engine.build_optimizer(model, TrainConfig(lr=1e-4)).param_groups
-    assert {g["lr"] for g in explicit if g["name"].startswith("backbone.")} == {1e-4}
+    assert [g["lr"] for g in explicit if g["name"] == "backbone"] == [1e-4]
 
 
 def test_frozen_methods_allocate_no_state_for_the_backbone(tiny_backbone):
@@ -49,9 +50,9 @@ def test_full_finetune_trains_saves_and_reloads_every_backbone_weight(tiny_weigh
     # A zero head starts at chance, so the trained epoch (not the untouched start) is kept.
     result = api.train(run_config(tiny_weights, "full", epochs=1, lr=1e-3, head_init="zeros"), task="full")
     assert result.best_epoch == 1
-    original = api.create_backbone(tiny_config(weights=str(tiny_weights))).model
+    original = create_backbone(tiny_config(weights=str(tiny_weights))).model
     pretrained = original.state_dict()
-    saved = api.load_task(result.task_path).tensors
+    saved = load_task(result.task_path).tensors
     backbone_keys = {k for k in saved if k.startswith("backbone.")}
     assert backbone_keys == {f"backbone.{k}" for k in pretrained}
     assert any(not torch.equal(saved[f"backbone.{k}"], v) for k, v in pretrained.items())  # it really trained
@@ -60,7 +61,7 @@ def test_full_finetune_trains_saves_and_reloads_every_backbone_weight(tiny_weigh
     head = saved["head.weight"].numel() + saved["head.bias"].numel()
     assert result.trainable_params == sum(p.numel() for p in original.parameters()) + head
 
-    loaded = api.load_for_inference(result.task_path)  # the original backbone file + the stored weights
+    loaded = load_for_inference(result.task_path)  # the original backbone file + the stored weights
     for key, value in loaded.model.backbone.state_dict().items():
         assert torch.equal(value, saved[f"backbone.{key}"])
     evaluated = api.evaluate(SAMPLE / "val", result.task_path, output_dir=tmp_path / "eval")
@@ -70,7 +71,7 @@ def test_full_finetune_trains_saves_and_reloads_every_backbone_weight(tiny_weigh
 def test_linear_probe_is_head_only_and_stores_only_the_head(tiny_weights):
     result = api.train(run_config(tiny_weights, "linear"), task="lin")
     assert result.history == [] and result.probe_val_acc is not None
-    assert set(api.load_task(result.task_path).tensors) == {"head.weight", "head.bias"}
+    assert set(load_task(result.task_path).tensors) == {"head.weight", "head.bias"}
     assert read_task_info(result.task_path).provenance["stores"] == "head"
     assert result.val_report.top1 == pytest.approx(result.probe_val_acc)
 
@@ -82,7 +83,7 @@ def test_auto_prompt_count_is_five_percent_of_the_patches_and_is_recorded(tiny_w
     result = api.train(config, task="auto-prompts")
     info = read_task_info(result.task_path)
     assert info.prompt["num_prompts"] == 1 and info.provenance["config"]["prompt"]["num_prompts"] == 1
-    assert api.load_task(result.task_path).tensors["prompts"].shape[1] == 1
+    assert load_task(result.task_path).tensors["prompts"].shape[1] == 1
 
 
 def make_split(root: Path, val_per_class: int) -> Path:

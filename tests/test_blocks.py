@@ -7,9 +7,10 @@ from timm.models.vision_transformer import Attention, Block, ResPostBlock
 from torch.utils.flop_counter import FlopCounterMode
 
 from vpt_cli.backbones import create_backbone
-from vpt_cli.blocks import block_rows, rows_read_by_pooling, supports_row_subset
+from vpt_cli.models.registry import adapter_for
+from vpt_cli.models.rows import block_rows, supports_row_subset
 from vpt_cli.config import PromptConfig
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.models.prompted import PromptedViT
 
 from conftest import tiny_config
 
@@ -73,8 +74,8 @@ def test_skipped_rows_cost_nothing_and_other_blocks_fall_back():
 def test_pooling_decides_the_last_block_rows():
     token = create_backbone(tiny_config(), pretrained=False).model
     avg = create_backbone(tiny_config(kwargs=dict(class_token=False, global_pool="avg")), pretrained=False).model
-    assert rows_read_by_pooling(token, 21) == 1
-    assert rows_read_by_pooling(avg, 21) == 21
+    assert adapter_for(token).rows_read_by_pooling(21) == 1
+    assert adapter_for(avg).rows_read_by_pooling(21) == 21
 
 
 def test_deep_prompts_skip_the_rows_they_replace(tiny_backbone):

@@ -8,8 +8,13 @@ import torch
 
 from vpt_cli import api, engine
 from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
-from vpt_cli.errors import TrainingInterrupted
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.artifact import resolve_task_path, runs_dir
+from vpt_cli.checkpoint import Checkpoint
+from vpt_cli.errors import TaskError, TrainingInterrupted
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.probe import fit_linear_head
+from vpt_cli.reporting import Reporter
+from vpt_cli.training import prepare_run
 
 from conftest import tiny_config
 
@@ -37,15 +42,16 @@ def test_parameter_groups_follow_each_recipe(tiny_backbone):
     adamw = engine.build_optimizer(model, TrainConfig(lr=0.01, head_lr=0.002, weight_decay=0.05))
     groups = {g["name"]: g for g in adamw.param_groups}
     assert isinstance(adamw, torch.optim.AdamW)
-    assert set(groups) == {"prompts", "head.weight", "head.bias"}
+    assert set(groups) == {"prompts", "head", "head_bias"}
     assert (groups["prompts"]["lr"], groups["prompts"]["weight_decay"]) == (0.01, 0.0)
-    assert (groups["head.weight"]["lr"], groups["head.weight"]["weight_decay"]) == (0.002, 0.05)
-    assert groups["head.bias"]["weight_decay"] == 0.0
+    assert (groups["head"]["lr"], groups["head"]["weight_decay"]) == (0.002, 0.05)
+    assert [p.shape for p in groups["head_bias"]["params"]] == [model.head.bias.shape]
+    assert groups["head_bias"]["weight_decay"] == 0.0
     sgd = engine.build_optimizer(model, TrainConfig(optimizer="sgd", batch_size=128, weight_decay=1e-4))
     groups = {g["name"]: g for g in sgd.param_groups}
     assert sgd.defaults["momentum"] == 0.9
     assert groups["prompts"]["lr"] == pytest.approx(2.5 * 128 / 256)
-    assert groups["prompts"]["weight_decay"] == 1e-4 and groups["head.bias"]["weight_decay"] == 0.0
+    assert groups["prompts"]["weight_decay"] == 1e-4 and groups["head_bias"]["weight_decay"] == 0.0
 
 
 def test_linear_head_fit_solves_a_separable_problem():
@@ -53,7 +59,7 @@ def test_linear_head_fit_solves_a_separable_problem():
     centers = torch.randn(4, 16) * 3
     labels = torch.arange(4).repeat(50)
     features = centers[labels] + 0.3 * torch.randn(200, 16)
-    weight, bias = engine.fit_linear_head(features, labels, 4, weight_decay=1e-3)
+    weight, bias = fit_linear_head(features, labels, 4, weight_decay=1e-3)
     assert ((features @ weight.T + bias).argmax(1) == labels).float().mean() == 1.0
 
 
@@ -63,7 +69,7 @@ def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weigh
     assert result.probe_val_acc is not None
     assert result.val_report.top1 >= result.probe_val_acc - 1e-6
 
-    class Lines(engine.Reporter):
+    class Lines(Reporter):
         def __init__(self):
             self.lines = []
 
@@ -81,11 +87,11 @@ def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weigh
 def test_start_seeds_prompts_from_training_images_unless_uniform(tiny_weights, init):
     config = tiny_run(tiny_weights, epochs=1)
     config.prompt.init = init
-    run = api.prepare_run(config, "start", True, engine.Reporter())
+    run = prepare_run(config, "start", True, Reporter())
     model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
     paper_init = model.prompts.detach().clone()
     engine.TrainingRun(model, run.train_loader, run.val_loader, run.classes, config.train, run.device,
-                       engine.Reporter()).start(run.probe_loader)
+                       Reporter()).start(run.probe_loader)
     assert torch.equal(model.prompts, paper_init) == (init == "uniform")
 
 
@@ -109,17 +115,17 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes(tiny_weights, monkeypa
     config = tiny_run(tiny_weights, epochs=3, patience=0)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         api.train(config, task="resumable")
-    checkpoint = api.runs_dir("resumable") / "last.safetensors"
+    checkpoint = runs_dir("resumable") / "last.safetensors"
     assert checkpoint.is_file()
-    assert not api.resolve_task_path("resumable").exists()  # no half-trained task is published
+    assert not resolve_task_path("resumable").exists()  # no half-trained task is published
 
     monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     result = api.train(config, task="resumable", resume=True)
     assert [h.epoch for h in result.history] == [1, 2, 3]
-    assert api.resolve_task_path("resumable").is_file()
+    assert resolve_task_path("resumable").is_file()
 
     changed = tiny_run(tiny_weights, epochs=5, patience=0)
-    with pytest.raises(engine.TaskError, match="other settings"):
+    with pytest.raises(TaskError, match="other settings"):
         api.train(changed, task="resumable", resume=True, force=True)
 
 
@@ -128,7 +134,7 @@ def test_checkpoint_roundtrip_restores_weights_and_optimizer(tiny_backbone, tmp_
     optimizer = engine.build_optimizer(model, TrainConfig())
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
-    checkpoint = engine.Checkpoint(tmp_path / "last.safetensors")
+    checkpoint = Checkpoint(tmp_path / "last.safetensors")
     checkpoint.save(model, model.task_state_dict(), optimizer, {"epoch": 4})
     fresh = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2))
     fresh_optimizer = engine.build_optimizer(fresh, TrainConfig())

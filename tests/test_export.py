@@ -13,7 +13,7 @@ from vpt_cli.backbones import create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig
 from vpt_cli.errors import ExportError
 from vpt_cli.export import FORMATS, export_model
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.models.prompted import PromptedViT
 
 IMG = 32
 TINY = BackboneConfig(

@@ -20,8 +20,9 @@ from vpt_cli.cli import app
 from vpt_cli.config import PromptConfig
 from vpt_cli.errors import TaskError
 from vpt_cli.export import export_model
-from vpt_cli.multitask import MultiTaskViT
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.inference import load_for_inference
+from vpt_cli.models.multitask import MultiTaskViT
+from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.serving import load_tasks
 
 from conftest import tiny_config
@@ -220,7 +221,7 @@ def test_cli_exports_a_bundle_that_answers_like_each_task(registry, tmp_path):
     images = torch.stack([server.transform(Image.open(path).convert("RGB")) for path in IMAGES[:2]])
     logits = session.run(None, {"images": images.numpy(), "task_index": torch.tensor([1, 0]).numpy()})[0]
     for row, task in enumerate(["shallow5", "deep3"]):
-        single = api.load_for_inference(task, device="cpu")
+        single = load_for_inference(task, device="cpu")
         with torch.inference_mode():
             expected = single.model(images[row : row + 1])[0]
         torch.testing.assert_close(torch.from_numpy(logits[row, : len(expected)]), expected, atol=1e-4, rtol=0)

@@ -8,7 +8,7 @@ import torch
 
 from vpt_cli.backbones import create_backbone
 from vpt_cli.config import PromptConfig
-from vpt_cli.prompts import PromptedViT, prompt_init_bound
+from vpt_cli.models.prompted import PromptedViT, prompt_init_bound
 
 from conftest import tiny_config
 

@@ -3,7 +3,8 @@
 Tensors (prompts, optional projection, head; a full fine-tune adds the backbone) are stored
 under the names `PromptedViT.task_state_dict()` gives them. Everything else a task needs to be
 rebuilt on a standard timm backbone lives in the safetensors string metadata under "vpt_task"
-(see README, "The task file"). Writes are atomic; nothing is unpickled when reading.
+(see README, "The task file"). Writes are atomic; nothing is unpickled when reading. Metadata is
+read straight from the safetensors header, without torch, so listing tasks is instant.
 """
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from vpt_cli.errors import TaskError, one_line
+from vpt_cli.fileio import write_bytes
 
-from vpt_cli.errors import TaskError
-from vpt_cli.fileio import atomic_write
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vpt_task"
 TASK_SUFFIX = ".safetensors"
+_MAX_HEADER_BYTES = 16 * 2**20  # a task's header is a few KB; anything near this is not a task
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -49,7 +50,7 @@ class TaskInfo:
 @dataclass
 class Task:
     info: TaskInfo
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, "torch.Tensor"]
     path: Path | None = None
 
     @property
@@ -59,14 +60,32 @@ class Task:
 
 def save_task(task: Task, path: Path, force: bool = False) -> Path:
     """Write `task` to `path` atomically; refuse to replace an existing file unless `force`."""
+    from safetensors.torch import save
+
     path = Path(path)
     if path.exists() and not force:
         raise TaskError(f"task file {path} already exists; pass --force to overwrite it")
     metadata = {METADATA_KEY: json.dumps(asdict(task.info), sort_keys=True), "format": "vpt-task"}
     tensors = {name: t.detach().cpu().contiguous() for name, t in task.tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_bytes(path, save(tensors, metadata=metadata))
     task.path = path
     return path
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, `__metadata__`),
+    read with plain file I/O: no torch, no tensor bytes."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= min(_MAX_HEADER_BYTES, os.fstat(handle.fileno()).st_size - 8):
+                raise ValueError("no safetensors header")
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TaskError(f"{path} is not a readable task file ({one_line(exc, 120)})") from None
+    if not isinstance(header, dict):
+        raise TaskError(f"{path} is not a readable task file (its header is not a JSON object)")
+    return header
 
 
 def read_task_info(path: Path) -> TaskInfo:
@@ -74,14 +93,15 @@ def read_task_info(path: Path) -> TaskInfo:
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TaskError(f"{path} is not a readable task file ({str(exc).splitlines()[0][:120]})") from None
+    metadata = read_safetensors_header(path).get("__metadata__") or {}
     if METADATA_KEY not in metadata:
         raise TaskError(f"{path} is a safetensors file but not a vpt task (no '{METADATA_KEY}' metadata)")
-    raw = json.loads(metadata[METADATA_KEY])
+    try:
+        raw = json.loads(metadata[METADATA_KEY])
+    except (TypeError, ValueError):
+        raise TaskError(f"{path} has unreadable task metadata (not JSON)") from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path} has unreadable task metadata (not a JSON object)")
     version = raw.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise TaskError(f"{path} uses task format {version}; this vpt-cli reads up to {FORMAT_VERSION}, please upgrade")
@@ -91,11 +111,14 @@ def read_task_info(path: Path) -> TaskInfo:
 
 def load_task(path: Path) -> Task:
     """Read a task file; a missing, foreign or newer-format file is a TaskError, not a crash."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     info = read_task_info(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TaskError(f"{path} is not a readable task file ({str(exc).splitlines()[0][:120]})") from None
+        raise TaskError(f"{path} is not a readable task file ({one_line(exc, 120)})") from None
     return Task(info=info, tensors=tensors, path=Path(path))
 
 

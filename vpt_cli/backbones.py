@@ -24,12 +24,13 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from vpt_cli.config import BackboneConfig
-from vpt_cli.errors import BackboneError
+from vpt_cli.errors import BackboneError, one_line
+from vpt_cli.models.adapter import FamilyAdapter
+from vpt_cli.models.registry import adapter_for
 
 HUB_HOST = "huggingface.co"
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin", ".ckpt")
-_REQUIRED_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Backbone:
     """A frozen timm model with what travels with its weights."""
 
     model: nn.Module
+    adapter: FamilyAdapter  # the family's layout: where prompts go, pooling, patch count
     name: str  # timm name with pretrained tag, e.g. vit_base_patch16_224.augreg_in21k
     fingerprint: str  # hash of the loaded weights; tasks refuse a backbone whose hash differs
     data_config: dict[str, Any]  # timm data config: input_size, mean, std, interpolation, crop
@@ -60,16 +62,18 @@ def create_backbone(config: BackboneConfig, pretrained: bool = True) -> Backbone
         kwargs["img_size"] = config.img_size
     if config.weights:
         model = _create(config.name, False, kwargs)
+        adapter = adapter_for(model)  # an unsupported family is refused before any weights are read
         load_weights_file(model, Path(config.weights))
     else:
         model = _create_from_hub(config.name, kwargs) if pretrained else _create(config.name, False, kwargs)
-    _check_layout(model, config.name)
+        adapter = adapter_for(model)
     model.requires_grad_(False)
     model.eval()
     height, width = model.patch_embed.img_size
     data_config = resolve_data_config({"input_size": (3, height, width)}, model=model)
     return Backbone(
         model=model,
+        adapter=adapter,
         name=config.name,
         fingerprint=weights_fingerprint(model),
         data_config=data_config,
@@ -81,7 +85,7 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
-        raise BackboneError(f"cannot build '{name}' with {kwargs}: {exc}") from None
+        raise BackboneError(f"cannot build '{name}' with {kwargs}: {one_line(exc)}") from None
 
 
 def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -92,7 +96,7 @@ def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
     except BackboneError:
         raise
     except Exception as exc:  # network, hub and cache errors come in many types
-        reason = str(exc).split(". ")[0].splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = one_line(exc).split(". ")[0]
         raise BackboneError(
             f"could not download pretrained weights for '{name}' ({reason}); "
             "on an offline machine pass --backbone-weights FILE"
@@ -147,7 +151,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except BackboneError:
         raise
     except Exception as exc:
-        raise BackboneError(f"cannot read weights file {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise BackboneError(f"cannot read weights file {path}: {one_line(exc)}") from None
     return _unwrap(state)
 
 
@@ -173,7 +177,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         try:
             model.load_pretrained(str(path))  # timm's JAX/big_vision npz reader (numpy, no pickle)
         except Exception as exc:
-            raise BackboneError(f"cannot load npz weights {path}: {str(exc).splitlines()[0][:200]}") from None
+            raise BackboneError(f"cannot load npz weights {path}: {one_line(exc)}") from None
         return
     state = read_state_dict(path)
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
@@ -181,7 +185,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         try:
             state = filter_fn(state, model)
         except Exception as exc:
-            raise BackboneError(f"weights in {path} do not fit this model: {str(exc).splitlines()[0][:200]}") from None
+            raise BackboneError(f"weights in {path} do not fit this model: {one_line(exc)}") from None
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -204,11 +208,3 @@ def weights_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _check_layout(model: nn.Module, name: str) -> None:
-    missing = [part for part in _REQUIRED_PARTS if not hasattr(model, part)]
-    if missing:
-        raise BackboneError(
-            f"'{name}' is not a ViT-family model with a patch_embed/blocks layout (lacks {', '.join(missing)})"
-        )

@@ -12,19 +12,19 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
 
 from vpt_cli import __version__
-from vpt_cli.config import (AUGMENTS, DEFAULT_BACKBONE, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS,
-                            PROMPT_INITS, SELECTS, TOKEN_INIT_IMAGES)
+from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, DEEP_PROMPT_DROPOUT,
+                            DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, PROMPT_INITS, SELECTS,
+                            SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig, SweepConfig)
 from vpt_cli.errors import UsageError, VPTError
-from vpt_cli.sweep import DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS
 
 if TYPE_CHECKING:
-    from vpt_cli.engine import EpochStats
+    from vpt_cli.reporting import EpochStats
 
 app = typer.Typer(
     name="vpt",
@@ -54,11 +54,47 @@ OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
 ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
 
 
+_DEFAULTS = RunConfig()
+_SWEEP = SweepConfig()
+
+
+def _default(text: Any) -> str:
+    """A help suffix showing a default; the bracket is escaped so rich markup does not eat it."""
+    return f"\\[default: {text}]"
+
+
 TASK_HELP = "Task name in the registry ($VPT_HOME/tasks) or path to a .safetensors task file."
 WEIGHTS_HELP = ("Local backbone weights (.safetensors/.npz/.pth) for offline use. Default: the file the "
                 "task was trained with, if it still exists, else timm's hub download.")
 JSON_HELP = "Print the result as JSON on stdout (progress still goes to stderr)."
 QUIET_HELP = "No progress bars or per-epoch lines."
+DEVICE_HELP = "auto picks cuda, then mps, then cpu."
+WORKERS_HELP = f"Image decoding processes. {_default('auto')}"
+
+# Options that `train` and `sweep` share, declared once. A None default means "not given": the
+# YAML config (or the config dataclass default shown in the help) applies.
+DataArg = Annotated[Path, typer.Argument(
+    help="Folder of class folders (DATA/<class>/<image>), or with train/ and val/ splits.")]
+TaskNameOpt = Annotated[Optional[str], typer.Option(
+    "--task", "-t", help="Name to save the task under (default: the folder's name), or a .safetensors path.")]
+BackboneOpt = Annotated[Optional[str], typer.Option(
+    help=f"timm model name with pretrained tag. {_default(_DEFAULTS.backbone.name)}")]
+BackboneWeightsOpt = Annotated[Optional[Path], typer.Option(
+    help="Local backbone weights (.safetensors/.npz/.pth) instead of the hub download.")]
+BackboneArgOpt = Annotated[List[str], typer.Option(
+    help="Extra timm constructor argument KEY=VALUE (repeatable), e.g. depth=2.")]
+ImgSizeOpt = Annotated[Optional[int], typer.Option(
+    help="Input size in pixels (default: the backbone's); position embeddings are resampled.")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help=f"Training epochs. {_default(_DEFAULTS.train.epochs)}")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    help=f"Seed for init, split and shuffling. {_default(_DEFAULTS.train.seed)}")]
+TrainDeviceOpt = Annotated[Optional[Device], typer.Option(help=f"{DEVICE_HELP} {_default(_DEFAULTS.train.device)}")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help=WORKERS_HELP)]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML file with backbone/prompt/data/train sections; flags override it.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing task of the same name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
 
 
 def _version(value: bool) -> None:
@@ -124,9 +160,9 @@ def _value(choice: Optional[Enum]) -> Optional[str]:
     return choice.value if choice else None
 
 
-def _run_overrides(data: Path, backbone: Optional[str], backbone_weights: Optional[Path], backbone_arg: list[str],
-                   img_size: Optional[int], method: Optional[Enum], epochs: Optional[int], seed: Optional[int],
-                   device: Optional[Enum], workers: Optional[int]) -> dict[str, Any]:
+def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: Optional[Path],
+                      backbone_arg: list[str], img_size: Optional[int], method: Optional[Enum], epochs: Optional[int],
+                      seed: Optional[int], device: Optional[Enum], workers: Optional[int]) -> dict[str, Any]:
     """Config overrides from the options `train` and `sweep` share (None: not given, YAML wins)."""
     return {
         "data.path": str(data), "backbone.name": backbone, "backbone.weights": _path(backbone_weights),
@@ -142,35 +178,35 @@ def _print_json(payload: Any) -> None:
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="Folder of class folders (DATA/<class>/<image>), or with train/ and val/ splits."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Name to save the task under (default: the folder's name), or a .safetensors path."),
-    backbone: Optional[str] = typer.Option(None, help=f"timm model name with pretrained tag. \\[default: {DEFAULT_BACKBONE}]"),
-    backbone_weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors/.npz/.pth) instead of the hub download."),
-    backbone_arg: List[str] = typer.Option([], help="Extra timm constructor argument KEY=VALUE (repeatable), e.g. depth=2."),
-    img_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's); position embeddings are resampled."),
-    method: Optional[Method] = typer.Option(None, help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. \\[default: vpt-deep]"),
-    prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompt tokens per layer. \\[default: auto, 5% of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px]"),
-    prompt_dropout: Optional[float] = typer.Option(None, help="Dropout on prompt tokens. \\[default: 0.1 deep, 0.0 shallow]"),
-    prompt_init: Optional[PromptInit] = typer.Option(None, help=f"How prompts start: tokens (patch tokens the frozen backbone sees at each layer, from {TOKEN_INIT_IMAGES} training images) or uniform (the paper's random init). \\[default: tokens]"),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs. \\[default: 30]"),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step. \\[default: 32]"),
-    optimizer: Optional[Optimizer] = typer.Option(None, help="adamw (tuned for small folders) or sgd (the paper's recipe). \\[default: adamw]"),
-    lr: Optional[float] = typer.Option(None, help="Prompt learning rate. \\[default: 1e-2 adamw; 2.5*batch/256 sgd]"),
-    head_lr: Optional[float] = typer.Option(None, help="Head learning rate. \\[default: 3e-3 adamw; = --lr sgd]"),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (head; all but head bias with sgd). \\[default: 1e-4]"),
-    val_split: Optional[float] = typer.Option(None, help="Stratified held-out fraction when DATA has no val/ folder. \\[default: 0.1]"),
-    augment: Optional[Augment] = typer.Option(None, help="none, flip, or crop (random resized crop + flip). \\[default: flip]"),
-    select: Optional[Select] = typer.Option(None, help=f"Which epoch becomes the task: best (on val, the probe's start included), last, or auto: best when val has at least {MIN_VAL_PER_CLASS_TO_SELECT} images per class, else last. \\[default: auto]"),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without val improvement (0: never; only when the best epoch is kept). \\[default: 10]"),
-    seed: Optional[int] = typer.Option(None, help="Seed for init, split and shuffling. \\[default: 0]"),
-    device: Optional[Device] = typer.Option(None, help="auto picks cuda, then mps, then cpu. \\[default: auto]"),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16, or fp16 on GPUs without bf16)."),
-    workers: Optional[int] = typer.Option(None, help="Image decoding processes. \\[default: auto]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with backbone/prompt/data/train sections; flags override it."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing task of the same name."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of this task from its last checkpoint."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    data: DataArg,
+    task: TaskNameOpt = None,
+    backbone: BackboneOpt = None,
+    backbone_weights: BackboneWeightsOpt = None,
+    backbone_arg: BackboneArgOpt = [],
+    img_size: ImgSizeOpt = None,
+    method: Annotated[Optional[Method], typer.Option(help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. " + _default(_DEFAULTS.prompt.method))] = None,
+    prompts: Annotated[Optional[int], typer.Option("--prompts", help=f"Prompt tokens per layer. {_default(f'auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px')}")] = None,
+    prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {_default(f'{DEEP_PROMPT_DROPOUT} deep, 0.0 shallow')}")] = None,
+    prompt_init: Annotated[Optional[PromptInit], typer.Option(help=f"How prompts start: tokens (patch tokens the frozen backbone sees at each layer, from {TOKEN_INIT_IMAGES} training images) or uniform (the paper's random init). {_default(_DEFAULTS.prompt.init)}")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step. {_default(_DEFAULTS.train.batch_size)}")] = None,
+    optimizer: Annotated[Optional[Optimizer], typer.Option(help=f"adamw (tuned for small folders) or sgd (the paper's recipe). {_default(_DEFAULTS.train.optimizer)}")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Prompt learning rate. {_default(f'{ADAMW_PROMPT_LR:g} adamw; {SGD_BASE_LR:g}*batch/256 sgd')}")] = None,
+    head_lr: Annotated[Optional[float], typer.Option(help=f"Head learning rate. {_default(f'{ADAMW_HEAD_LR:g} adamw; = --lr sgd')}")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=f"Weight decay (head; all but head bias with sgd). {_default(f'{_DEFAULTS.train.weight_decay:g}')}")] = None,
+    val_split: Annotated[Optional[float], typer.Option(help=f"Stratified held-out fraction when DATA has no val/ folder. {_default(_DEFAULTS.data.val_split)}")] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help=f"none, flip, or crop (random resized crop + flip). {_default(_DEFAULTS.data.augment)}")] = None,
+    select: Annotated[Optional[Select], typer.Option(help=f"Which epoch becomes the task: best (on val, the probe's start included), last, or auto: best when val has at least {MIN_VAL_PER_CLASS_TO_SELECT} images per class, else last. {_default(_DEFAULTS.train.select)}")] = None,
+    patience: Annotated[Optional[int], typer.Option(help=f"Stop after this many epochs without val improvement (0: never; only when the best epoch is kept). {_default(_DEFAULTS.train.patience)}")] = None,
+    seed: SeedOpt = None,
+    device: TrainDeviceOpt = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help=f"Mixed precision (bf16, or fp16 on GPUs without bf16). {_default(_DEFAULTS.train.amp)}")] = None,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this task from its last checkpoint.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train a task on a folder of images.
 
@@ -181,8 +217,9 @@ def train(
         from vpt_cli import api
         from vpt_cli.config import load_config
 
-        overrides = _run_overrides(data, backbone, backbone_weights, backbone_arg, img_size, method, epochs, seed,
-                                   device, workers)
+        overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
+                                      backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
+                                      seed=seed, device=device, workers=workers)
         overrides.update({
             "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "prompt.init": _value(prompt_init),
             "train.batch_size": batch_size,
@@ -210,28 +247,32 @@ def _floats(text: str, flag: str) -> list[float]:
         raise UsageError(f"{flag} takes comma-separated numbers, not '{text}'") from None
 
 
+def _csv(values: tuple[float, ...]) -> str:
+    return ",".join(f"{value:g}" for value in values)
+
+
 @app.command()
 def sweep(
-    data: Path = typer.Argument(..., help="Folder of class folders; the search scores trials on its val split."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Name to save the winning task under (default: the folder's name), or a .safetensors path."),
-    lr: str = typer.Option(",".join(map(str, DEFAULT_LRS)), "--lr", help="Prompt learning rates to try, comma-separated."),
-    weight_decay: str = typer.Option(",".join(map(str, DEFAULT_WEIGHT_DECAYS)), "--weight-decay", help="Weight decays to try, comma-separated."),
-    prompts: str = typer.Option("", "--prompts", help="Prompt lengths to try, comma-separated (e.g. 5,10,50). \\[default: the config's, auto]"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="At most this many trials (12) or this much time (15m, 90s, 1h). \\[default: the whole grid]"),
-    eta: int = typer.Option(3, "--eta", help="Successive halving: after each rung only the best 1/eta of the trials go on."),
-    method: Optional[Method] = typer.Option(None, help="vpt-deep or vpt-shallow. \\[default: vpt-deep]"),
-    epochs: Optional[int] = typer.Option(None, help="Epochs of a trial that survives every rung. \\[default: 30]"),
-    backbone: Optional[str] = typer.Option(None, help=f"timm model name with pretrained tag. \\[default: {DEFAULT_BACKBONE}]"),
-    backbone_weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors/.npz/.pth) instead of the hub download."),
-    backbone_arg: List[str] = typer.Option([], help="Extra timm constructor argument KEY=VALUE (repeatable)."),
-    img_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for init, split and shuffling (the same for every trial). \\[default: 0]"),
-    device: Optional[Device] = typer.Option(None, help="auto picks cuda, then mps, then cpu. \\[default: auto]"),
-    workers: Optional[int] = typer.Option(None, help="Image decoding processes. \\[default: auto]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (as for train) that every trial starts from."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing task of the same name."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live table."),
+    data: DataArg,
+    task: TaskNameOpt = None,
+    lr: Annotated[str, typer.Option("--lr", help="Prompt learning rates to try, comma-separated.")] = _csv(_SWEEP.lrs),
+    weight_decay: Annotated[str, typer.Option("--weight-decay", help="Weight decays to try, comma-separated.")] = _csv(_SWEEP.weight_decays),
+    prompts: Annotated[str, typer.Option("--prompts", help=f"Prompt lengths to try, comma-separated (e.g. 5,10,50). {_default('the config' + chr(39) + 's, auto')}")] = "",
+    budget: Annotated[Optional[str], typer.Option("--budget", help=f"At most this many trials (12) or this much time (15m, 90s, 1h). {_default('the whole grid')}")] = _SWEEP.budget,
+    eta: Annotated[int, typer.Option("--eta", help="Successive halving: after each rung only the best 1/eta of the trials go on.")] = _SWEEP.eta,
+    method: Annotated[Optional[Method], typer.Option(help=f"vpt-deep or vpt-shallow. {_default(_DEFAULTS.prompt.method)}")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Epochs of a trial that survives every rung. {_default(_DEFAULTS.train.epochs)}")] = None,
+    backbone: BackboneOpt = None,
+    backbone_weights: BackboneWeightsOpt = None,
+    backbone_arg: BackboneArgOpt = [],
+    img_size: ImgSizeOpt = None,
+    seed: SeedOpt = None,
+    device: TrainDeviceOpt = None,
+    workers: WorkersOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
 ) -> None:
     """Search lr x weight decay (x prompt length) on the val split; keep the best trial as the task.
 
@@ -240,18 +281,18 @@ def sweep(
     """
 
     def action() -> None:
+        from vpt_cli import api
         from vpt_cli.config import load_config
         from vpt_cli.render import LiveSweepTable, render_sweep
-        from vpt_cli.sweep import plan_sweep, run_sweep
 
-        overrides = _run_overrides(data, backbone, backbone_weights, backbone_arg, img_size, method, epochs, seed,
-                                   device, workers)
+        overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
+                                      backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
+                                      seed=seed, device=device, workers=workers)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
-        plan = plan_sweep(_floats(lr, "--lr"), _floats(weight_decay, "--weight-decay"), lengths,
-                          run_config.train.epochs, eta, budget)
         with LiveSweepTable(err, quiet=quiet or as_json) as live:
-            result = run_sweep(run_config, plan, task=task, force=force, reporter=live)
+            result = api.sweep(run_config, _floats(lr, "--lr"), _floats(weight_decay, "--weight-decay"), lengths,
+                               eta=eta, budget=budget, task=task, force=force, reporter=live)
         if as_json:
             _print_json(result.to_dict())
         else:
@@ -266,9 +307,9 @@ def evaluate(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
+    device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
-    workers: Optional[int] = typer.Option(None, help="Image decoding processes. \\[default: auto]"),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     output_dir: Optional[Path] = typer.Option(None, help="Where confusion.csv/.png go. \\[default: the task's run folder]/eval"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -299,9 +340,9 @@ def predict(
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv on stdout."),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     batch_size: Optional[int] = typer.Option(None, help="(image, task) pairs per forward pass. \\[default: auto]"),
-    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
+    device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
-    workers: Optional[int] = typer.Option(None, help="Image decoding processes. \\[default: auto]"),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Predict the classes of images for one or more tasks. Exits non-zero only if no input could be read.

@@ -29,6 +29,10 @@ SELECTS = ("auto", "best", "last")
 # 0.4/sqrt(n), several times the gap between late epochs, and the probe start it competes with
 # had its strength picked on the same split (README, "Defaults").
 MIN_VAL_PER_CLASS_TO_SELECT = 20
+ADAMW_PROMPT_LR = 1e-2
+ADAMW_HEAD_LR = 3e-3
+SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
+DEEP_PROMPT_DROPOUT = 0.1  # this project's choice; the reference code uses 0.0
 
 
 @dataclass
@@ -47,7 +51,7 @@ class PromptConfig:
 
     method: str = "vpt-deep"
     num_prompts: int | None = None  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
-    dropout: float | None = None  # None = the paper's choice: 0.1 for vpt-deep, 0.0 otherwise
+    dropout: float | None = None  # None = DEEP_PROMPT_DROPOUT for vpt-deep, 0.0 otherwise
     proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
     init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
 
@@ -73,7 +77,7 @@ class PromptConfig:
     def resolved_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
-        return 0.1 if self.deep else 0.0
+        return DEEP_PROMPT_DROPOUT if self.deep else 0.0
 
 
 def auto_num_prompts(num_patches: int) -> int:
@@ -114,15 +118,25 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-2 if self.optimizer == "adamw" else 2.5 * self.batch_size / 256
+        return ADAMW_PROMPT_LR if self.optimizer == "adamw" else SGD_BASE_LR * self.batch_size / 256
 
     def resolved_head_lr(self) -> float:
         if self.head_lr is not None:
             return self.head_lr
-        return 3e-3 if self.optimizer == "adamw" else self.resolved_lr()
+        return ADAMW_HEAD_LR if self.optimizer == "adamw" else self.resolved_lr()
 
     def resolved_warmup(self) -> int:
         return self.warmup_epochs if self.warmup_epochs is not None else self.epochs // 10
+
+
+@dataclass
+class SweepConfig:
+    """The search grid of `vpt sweep` and how trials are cut (successive halving, budget)."""
+
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-2)
+    eta: int = 3  # after each rung only the best 1/eta of the trials go on
+    budget: str | None = None  # "12" trials or "15m" of wall time; None = the whole grid
 
 
 @dataclass

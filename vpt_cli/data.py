@@ -7,6 +7,7 @@ bad images are skipped and reported instead, so one corrupt file never stops a r
 """
 from __future__ import annotations
 
+import csv
 import glob
 import os
 import random
@@ -283,6 +284,34 @@ def _expand_arg(arg: str) -> tuple[list[Path], str]:
     return images, "no images match this pattern"
 
 
+def read_task_requests(path: Path) -> tuple[list[Path], list[list[str]], list[tuple[str, str]]]:
+    """`image,task` rows (header required; ';' separates several tasks in one cell) -> (files, tasks per file, failures).
+
+    Relative image paths are relative to the CSV's folder, so the file can travel with its images.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read --tasks-from {path}: {exc}") from None
+    if not rows or not {"image", "task"} <= set(rows[0]):
+        raise UsageError(f"--tasks-from {path} needs a header with 'image' and 'task' columns")
+    by_file: dict[Path, list[str]] = {}
+    failures: list[tuple[str, str]] = []
+    for line, row in enumerate(rows, 2):
+        image, cell = (row.get("image") or "").strip(), (row.get("task") or "").strip()
+        tasks = [name.strip() for name in cell.split(";") if name.strip()]
+        if not image or not tasks:
+            raise UsageError(f"--tasks-from {path}, line {line}: needs an image and a task")
+        file = path.parent / Path(image).expanduser()
+        if not file.is_file():
+            failures.append((image, "no such file"))
+            continue
+        wanted = by_file.setdefault(file, [])
+        wanted += [name for name in tasks if name not in wanted]
+    return list(by_file), list(by_file.values()), failures
+
+
 # --- decoding --------------------------------------------------------------------------------
 
 
@@ -390,10 +419,10 @@ class ImageDataset(Dataset):
     def failures(self) -> list[tuple[Path, str]]:
         """(path, reason) of every image that failed to load so far, in any process."""
         failed = [self.samples[i].path for i in self._failed.nonzero().flatten().tolist()]
-        return [(path, _failure_reason(path)) for path in failed]
+        return [(path, failure_reason(path)) for path in failed]
 
 
-def _failure_reason(path: Path) -> str:
+def failure_reason(path: Path) -> str:
     """Re-derive why `path` failed (workers cannot send strings back through the flag tensor)."""
     try:
         load_image(path)

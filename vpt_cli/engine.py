@@ -1,65 +1,30 @@
-"""Training and evaluation loops: optimiser, schedule, AMP, probe-initialised head, resume.
+"""The training loop: optimiser, schedule, AMP, best/last selection, early stopping, resume.
 
-Nothing here prints. Progress goes to a `Reporter` (the CLI renders it with rich; the library
-default ignores it), so `--json` and `--quiet` stay clean.
+What it calls lives beside it, one concern each: `runtime` (device, AMP, seed), `probe` (the
+linear-probe head), `checkpoint` (resumable state) and `reporting` (progress). Nothing here
+prints.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vpt_cli.fileio import atomic_write
+from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
-from vpt_cli.errors import TaskError, TrainingInterrupted, UsageError
+from vpt_cli.errors import TaskError, TrainingInterrupted
 from vpt_cli.metrics import EvalReport, MetricAccumulator
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.probe import probe_init_head
+from vpt_cli.reporting import EpochStats, Reporter
+from vpt_cli.runtime import amp_dtype, autocast
 
-PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: ties keep the smaller head
 FULL_FINETUNE_LR = 2e-5
-
-
-class Reporter:
-    """Progress sink. Subclass and override what you want to show; every method is optional."""
-
-    def start(self, description: str, total: int | None) -> None:
-        """A unit of work with `total` steps begins (an epoch, an evaluation pass)."""
-
-    def advance(self, steps: int = 1) -> None:
-        """`steps` more steps of the current unit are done."""
-
-    def finish(self) -> None:
-        """The current unit is done."""
-
-    def epoch_end(self, stats: "EpochStats") -> None:
-        """One training epoch finished (stats include validation)."""
-
-    def log(self, message: str) -> None:
-        """A line worth keeping in the run log (not shown with --quiet)."""
-
-
-@dataclass
-class EpochStats:
-    epoch: int
-    epochs: int
-    train_loss: float
-    train_acc: float
-    val_acc: float | None
-    val_loss: float | None
-    lr: float
-    images_per_sec: float
-    seconds: float
-    is_best: bool = False
 
 
 @dataclass
@@ -71,43 +36,10 @@ class FitResult:
     train_images_per_sec: float
     probe_val_acc: float | None = None
     selection: str = "best"  # which epoch was kept: "best" on val or "last"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' prefers CUDA, then Apple MPS, then CPU; an unavailable explicit choice is an error."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if not available.get(name, False):
-        raise UsageError(f"--device {name} is not available on this machine (try --device auto)")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast where the device supports it, fp16 on older GPUs; a no-op when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_optimizer(model: PromptedViT, config: TrainConfig) -> torch.optim.Optimizer:
-    """Parameter groups with their own lr / weight decay.
+    """One optimiser group per role the model declares (`PromptedViT.parameter_groups`).
 
     AdamW (default): prompts at `lr` without weight decay, head at `head_lr` with it. SGD (the
     paper): momentum 0.9, decay on everything but the head bias. Head biases never decay. A full
@@ -116,17 +48,14 @@ def build_optimizer(model: PromptedViT, config: TrainConfig) -> torch.optim.Opti
     no gradient or optimiser state is ever allocated for them.
     """
     adamw = config.optimizer == "adamw"
-    groups = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("backbone."):
-            lr, decay = config.lr if config.lr is not None else FULL_FINETUNE_LR, config.weight_decay
-        elif name.startswith("head."):
-            lr, decay = config.resolved_head_lr(), 0.0 if name.endswith("bias") else config.weight_decay
-        else:
-            lr, decay = config.resolved_lr(), 0.0 if adamw else config.weight_decay
-        groups.append({"params": [param], "lr": lr, "weight_decay": decay, "name": name})
+    recipe = {  # role -> (lr, weight decay)
+        "prompts": (config.resolved_lr(), 0.0 if adamw else config.weight_decay),
+        "head": (config.resolved_head_lr(), config.weight_decay),
+        "head_bias": (config.resolved_head_lr(), 0.0),
+        "backbone": (config.lr if config.lr is not None else FULL_FINETUNE_LR, config.weight_decay),
+    }
+    groups = [{"params": params, "lr": recipe[role][0], "weight_decay": recipe[role][1], "name": role}
+              for role, params in model.parameter_groups().items() if params]
     if adamw:
         return torch.optim.AdamW(groups)
     return torch.optim.SGD(groups, momentum=0.9)
@@ -144,44 +73,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
-@torch.no_grad()  # not inference_mode: the probe fit needs autograd on these features
-def extract_features(model: PromptedViT, loader: Iterable, device: torch.device, amp: bool,
-                     reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features of the (prompted) backbone and labels for every batch, in fp32 on CPU."""
-    model.eval()
-    features, labels = [], []
-    reporter.start("features", len(loader))
-    for batch in loader:
-        if batch is None:
-            continue
-        images, targets, _ = batch
-        with autocast(device, amp):
-            features.append(model.forward_features(images.to(device)).float().cpu())
-        labels.append(targets)
-        reporter.advance(len(targets))
-    reporter.finish()
-    if not features:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(labels)
-
-
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    weight_decay: float, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution."""
-    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
 def sample_images(dataset: Any, count: int) -> torch.Tensor:
     """Up to `count` readable images of `dataset`, drawn at random (torch's seeded generator)."""
     images = []
@@ -192,35 +83,6 @@ def sample_images(dataset: Any, count: int) -> torch.Tensor:
         if len(images) == count:
             break
     return torch.stack(images)
-
-
-def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
-                    device: torch.device, amp: bool, reporter: Reporter) -> float | None:
-    """Set the head to the best linear probe on the model's initial features (LP-then-tune).
-
-    The probe's L2 strength is picked on the val split when there is one. Training then starts
-    at the probe's accuracy instead of chance, which is what lets prompts beat the probe on
-    small folders (see README, "Defaults"). Returns the probe's val accuracy.
-    """
-    train_x, train_y = extract_features(model, train_loader, device, amp, reporter)
-    val_x, val_y = extract_features(model, val_loader, device, amp, reporter) if val_loader else (None, None)
-    num_classes = model.head.out_features
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn.
-    for decay in PROBE_WEIGHT_DECAYS if val_x is not None and len(val_x) else (1e-3,):
-        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay)
-        score = (
-            ((val_x @ weight.T + bias).argmax(1) == val_y).float().mean().item()
-            if val_x is not None and len(val_x) else 0.0
-        )
-        if best is None or score > best[0]:
-            best = (score, weight, bias)
-    assert best is not None
-    with torch.no_grad():
-        model.head.weight.copy_(best[1])
-        model.head.bias.copy_(best[2])
-    reporter.log(f"linear probe head: val acc {best[0]:.4f}")
-    return best[0] if val_x is not None and len(val_x) else None
 
 
 @torch.inference_mode()
@@ -271,47 +133,6 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
     reporter.finish()
     elapsed = time.perf_counter() - started
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed, 1e-9)
-
-
-class Checkpoint:
-    """The resumable state of a run in one safetensors file (no pickle): weights, best weights,
-    optimiser tensors, and the loop's bookkeeping as JSON metadata."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def save(self, model: PromptedViT, best_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-             state: dict[str, Any]) -> None:
-        tensors = {f"model.{k}": v for k, v in model.task_state_dict().items()}
-        tensors.update({f"best.{k}": v for k, v in best_state.items()})
-        optim = optimizer.state_dict()
-        for index, param_state in optim["state"].items():
-            for key, value in param_state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
-        metadata = {"state": json.dumps(state), "param_groups": json.dumps(optim["param_groups"])}
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        atomic_write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-    def load(self, model: PromptedViT, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Restore weights and optimiser in place; return (best weights, loop state)."""
-        from safetensors import safe_open
-
-        if not self.path.is_file():
-            raise TaskError(f"nothing to resume: no checkpoint at {self.path}")
-        with safe_open(str(self.path), framework="pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(str(self.path))
-        model.load_task_state_dict(_strip(tensors, "model."))
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in _strip(tensors, "optim.").items():
-            index, name = key.split(".", 1)
-            optim_state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(metadata["param_groups"])})
-        return _strip(tensors, "best."), json.loads(metadata["state"])
-
-
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 # A last epoch this far below the probe start on val is more than small-split noise: say so.

@@ -51,3 +51,10 @@ class TrainingInterrupted(VPTError):
     """Ctrl-C during training: a resumable checkpoint was saved."""
 
     exit_code = 130
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters (library errors can run
+    to pages), or its type name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -13,8 +13,6 @@ what makes a switch to `dynamo=True` safe when it goes away.
 from __future__ import annotations
 
 import copy
-import os
-import secrets
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +22,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from vpt_cli.errors import ExportError
-from vpt_cli.multitask import MultiTaskViT
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.errors import ExportError, one_line
+from vpt_cli.fileio import atomic_target
+from vpt_cli.models.multitask import MultiTaskViT
+from vpt_cli.models.prompted import PromptedViT
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
@@ -90,18 +89,17 @@ def export_model(
     # Traced with batch 2: a batch of 1 invites exporters to bake that size into the graph.
     example = inputs(2, torch.Generator())
     output = Path(output)
-    with _temporary_sibling(output) as tmp:
-        if fmt == "onnx":
-            _write_onnx(frozen, example, tmp, opset, names)
-            runner, checked_with = _onnx_runner(tmp)
-        else:
-            _write_torchscript(frozen, example, tmp)
-            runner, checked_with = _torchscript_runner(tmp), "torch.jit"
-        max_diff = None if runner is None else _max_abs_diff(runner, batches, atol, fmt)
-        try:
-            os.replace(tmp, output)
-        except OSError as exc:
-            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+    try:
+        with atomic_target(output) as tmp:
+            if fmt == "onnx":
+                _write_onnx(frozen, example, tmp, opset, names)
+                runner, checked_with = _onnx_runner(tmp)
+            else:
+                _write_torchscript(frozen, example, tmp)
+                runner, checked_with = _torchscript_runner(tmp), "torch.jit"
+            max_diff = None if runner is None else _max_abs_diff(runner, batches, atol, fmt)
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     return ExportResult(
         path=output,
         format=fmt,
@@ -131,26 +129,10 @@ def _check_batches(model: nn.Module, sizes: list[int],
                 logits = model(*inputs)
         except Exception as exc:
             raise ExportError(
-                f"the model does not run on a {tuple(inputs[0].shape)} batch: {_one_line(exc)}"
+                f"the model does not run on a {tuple(inputs[0].shape)} batch: {one_line(exc, 300)}"
             ) from None
         batches.append((inputs, logits))
     return batches
-
-
-@contextmanager
-def _temporary_sibling(output: Path) -> Iterator[Path]:
-    """A temp file next to `output` (same filesystem, so os.replace is atomic), always cleaned up."""
-    tmp = output.parent / f".{output.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        # Not mkstemp: its 0600 mode would survive the rename; this one honours the umask.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as exc:
-        raise ExportError(f"cannot write to {output.parent}: {exc.strerror or exc}") from None
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -182,7 +164,7 @@ def _write_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
                 opset_version=opset,
             )
     except Exception as exc:
-        raise ExportError(f"ONNX export failed: {_one_line(exc)}") from None
+        raise ExportError(f"ONNX export failed: {one_line(exc, 300)}") from None
 
 
 def _onnx_runner(path: Path) -> tuple[Runner | None, str]:
@@ -196,7 +178,7 @@ def _onnx_runner(path: Path) -> tuple[Runner | None, str]:
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load the exported model: {_one_line(exc)}") from None
+        raise ExportError(f"onnxruntime cannot load the exported model: {one_line(exc, 300)}") from None
 
     names = [node.name for node in session.get_inputs()]
 
@@ -214,7 +196,7 @@ def _write_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...], path
             traced = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(traced, str(path))
     except Exception as exc:
-        raise ExportError(f"TorchScript export failed: {_one_line(exc)}") from None
+        raise ExportError(f"TorchScript export failed: {one_line(exc, 300)}") from None
 
 
 def _torchscript_runner(path: Path) -> Runner:
@@ -223,7 +205,7 @@ def _torchscript_runner(path: Path) -> Runner:
         with _quiet():
             loaded = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise ExportError(f"the saved TorchScript file cannot be loaded: {_one_line(exc)}") from None
+        raise ExportError(f"the saved TorchScript file cannot be loaded: {one_line(exc, 300)}") from None
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
         with _quiet(), torch.no_grad():
@@ -244,7 +226,7 @@ def _max_abs_diff(runner: Runner, batches: list[CheckBatch], atol: float, fmt: s
             actual = runner(*inputs)
         except Exception as exc:
             raise ExportError(
-                f"the exported {fmt} model fails on a batch of {images.shape[0]}: {_one_line(exc)}"
+                f"the exported {fmt} model fails on a batch of {images.shape[0]}: {one_line(exc, 300)}"
             ) from None
         if actual.shape != expected.shape:
             raise ExportError(
@@ -260,9 +242,3 @@ def _max_abs_diff(runner: Runner, batches: list[CheckBatch], atol: float, fmt: s
             )
         worst = max(worst, diff)
     return worst
-
-
-def _one_line(exc: BaseException) -> str:
-    """First line of an exception message (exporter errors can run to pages), or its type."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,24 +1,59 @@
-"""Atomic file writes: every artifact (task, checkpoint, CSV, PNG, config) goes through here."""
+"""Atomic file writes: every artifact (task, checkpoint, CSV, PNG, config, export) goes through here."""
 from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a fresh file beside `path`, then rename it onto `path`.
+@contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A fresh empty file beside `path` to write; renamed onto `path` when the block ends without
+    an error, removed on every path out.
 
-    Readers never see half a file, and a failure (or Ctrl-C) inside `write` leaves `path` as it
-    was. The temporary file honours the umask (mkstemp's 0600 would survive the rename).
+    Readers never see half a file, and a failure (or Ctrl-C) inside the block leaves `path` as it
+    was. The data is flushed to disk before the rename and the rename before returning, so a
+    power cut leaves the old file or the new one. The temporary file honours the umask
+    (mkstemp's 0600 would survive the rename).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(tmp)
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a fresh file beside `path`, then rename it onto `path` (see atomic_target)."""
+    with atomic_target(path) as tmp:
+        write(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk; folders cannot be opened on Windows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vpt_cli.api import EvalResult, PredictResult, TrainResult
 from vpt_cli.artifact import TaskInfo
-from vpt_cli.sweep import SweepReporter, SweepResult, Trial
+from vpt_cli.reporting import SweepReporter
+
+if TYPE_CHECKING:  # result types only: `vpt tasks` renders without importing torch
+    from vpt_cli.api import EvalResult, PredictResult
+    from vpt_cli.sweep import SweepResult, Trial
+    from vpt_cli.training import TrainResult
 
 
 def _pct(value: float | None) -> str:

@@ -17,15 +17,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vpt_cli.api import load_for_inference
-from vpt_cli.artifact import Task, TaskInfo, load_task, resolve_task_path
+from vpt_cli.artifact import TaskInfo, load_task, resolve_task_path
 from vpt_cli.backbones import Backbone
-from vpt_cli.config import PromptConfig
 from vpt_cli.data import build_transform
-from vpt_cli.engine import autocast
 from vpt_cli.errors import TaskError, UsageError
-from vpt_cli.multitask import MultiTaskViT
-from vpt_cli.prompts import PromptedViT
+from vpt_cli.inference import load_for_inference, task_model
+from vpt_cli.models.multitask import MultiTaskViT
+from vpt_cli.runtime import autocast
 
 # (class name, probability), best first: one task's answer for one image.
 TopK = list[tuple[str, float]]
@@ -46,9 +44,6 @@ class TaskServer:
     model: MultiTaskViT
     device: torch.device
     transform: Callable[[Image.Image], torch.Tensor]
-
-    def classes(self, task: str) -> list[str]:
-        return self.infos[self.index(task)].classes
 
     def index(self, task: str) -> int:
         try:
@@ -92,7 +87,8 @@ class TaskServer:
         """Samples per forward: a fixed token budget on CPU, a fixed batch on accelerators."""
         if self.device.type != "cpu":
             return _ACCELERATOR_BATCH
-        tokens = self.backbone.model.patch_embed.num_patches + self.backbone.model.num_prefix_tokens + self.model.max_prompts
+        adapter = self.backbone.adapter
+        tokens = adapter.num_patches + adapter.num_prefix_tokens + self.model.max_prompts
         return max(1, min(256, _CPU_TOKENS_PER_BATCH // tokens))
 
 
@@ -119,16 +115,6 @@ def load_tasks(tasks: Sequence[str | Path], backbone_weights: str | None = None,
     return TaskServer(names=names, infos=infos, backbone=first.backbone,
                       model=MultiTaskViT(first.backbone.model, models).to(first.device), device=first.device,
                       transform=build_transform(first.backbone.data_config, train=False))
-
-
-def task_model(backbone: torch.nn.Module, task: Task) -> PromptedViT:
-    """A task's PromptedViT on an already loaded (shared) backbone, in eval mode."""
-    model = PromptedViT(backbone, len(task.info.classes), PromptConfig(**task.info.prompt))
-    try:
-        model.load_task_state_dict(task.tensors)
-    except ValueError as exc:
-        raise TaskError(f"task file {task.path} is inconsistent: {exc}") from None
-    return model.eval()
 
 
 def _check_same_backbone(reference: TaskInfo, other: TaskInfo) -> None:

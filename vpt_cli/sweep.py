@@ -15,16 +15,21 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vpt_cli.config import RunConfig
+from vpt_cli.engine import TrainingRun
 from vpt_cli.errors import UsageError
 from vpt_cli.fileio import atomic_write
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.reporting import Reporter, SweepReporter
+from vpt_cli.runtime import seed_everything
+from vpt_cli.training import TrainResult, prepare_run, save_trained
 
-DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
-DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-2)
 CSV_FIELDS = ("index", "num_prompts", "lr", "weight_decay", "status", "epochs_run", "best_epoch", "val_top1",
               "val_loss", "seconds")
 
@@ -129,10 +134,9 @@ def write_trials_csv(trials: list[Trial], path: Path) -> None:
 class SweepResult:
     plan: SweepPlan
     best: Trial
-    train: Any  # api.TrainResult of the saved winner
+    train: TrainResult  # the saved winner
     csv_path: Path
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": self.best.row(), "task": self.train.to_dict(), "csv": str(self.csv_path),
@@ -140,25 +144,9 @@ class SweepResult:
                 "trials": [t.row() for t in self.plan.trials], "seconds": self.seconds}
 
 
-class SweepReporter:
-    """Progress of a sweep; the CLI shows it as a live table. Every method is optional."""
-
-    def trials_changed(self, trials: list[Trial]) -> None:
-        """A trial started, finished an epoch or was stopped."""
-
-    def log(self, message: str) -> None:
-        """A line worth keeping."""
-
-
 def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force: bool = False,
               reporter: SweepReporter | None = None) -> SweepResult:
     """Run the plan with successive halving and save the winner as the task (see module doc)."""
-    import torch
-
-    from vpt_cli import api
-    from vpt_cli.engine import Reporter, TrainingRun, seed_everything
-    from vpt_cli.prompts import PromptedViT
-
     reporter = reporter or SweepReporter()
     if not config.prompt.method.startswith("vpt"):
         raise UsageError(f"vpt sweep tunes prompt training; --method {config.prompt.method} has nothing to sweep "
@@ -166,7 +154,7 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
     started = time.perf_counter()
     deadline = started + plan.max_seconds if plan.max_seconds else math.inf
     quiet = Reporter()
-    prepared = api.prepare_run(config, task, force, quiet)
+    prepared = prepare_run(config, task, force, quiet)
     if prepared.val_loader is None:
         raise UsageError("vpt sweep needs a validation split: add a val/ folder or use --val-split > 0")
     for trial in plan.trials:  # an 'auto' length is the count prepare_run resolved for this backbone
@@ -232,7 +220,7 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
     reporter.trials_changed(plan.trials)
     winner = runs[best.index]
     result = winner.finish(stopped_early=winner.epoch < config.train.epochs)
-    saved = api.save_trained(prepared, winner.model, trial_config(config, best), result, started,
+    saved = save_trained(prepared, winner.model, trial_config(config, best), result, started,
                              extra_provenance={"sweep": {"trials": len(plan.trials), "rungs": plan.rungs,
                                                          "eta": plan.eta, "budget": plan.budget_text,
                                                          "csv": str(csv_path)}})

@@ -1,15 +1,14 @@
 """Several VPT tasks on one frozen backbone, mixed freely inside one batch.
 
 Tasks differ only in their prompt tokens and heads, so a batch can carry a task index per sample
-and still take ONE backbone pass. Each sample gets exactly what its task's PromptedViT would give
-it (shared/docs/vpt-method.md), including when tasks differ in prompt length or deep/shallow:
+and still take ONE backbone pass of `prompted_forward`. Each sample gets exactly what its task's
+PromptedViT would give it (shared/docs/vpt-method.md), including when tasks differ in prompt
+length or deep/shallow:
 
-* Prompt lengths: every sample gets `max_prompts` prompt slots after its patch tokens; a shorter
-  task's unused slots are padding that a key mask hides from attention, and that is stripped
-  before pooling (so an average-pooling backbone averages exactly the task's own tokens). With
-  one length, no mask.
-* Deep/shallow: before blocks 1..L-1, deep samples get their layer's prompts; shallow samples
-  keep the previous block's prompt outputs (a per-sample select, exact).
+* Prompt lengths: every sample gets `max_prompts` prompt slots; a shorter task's unused slots are
+  padding that the plan's lengths mask out of attention and pooling. With one length, no mask.
+* Deep/shallow: before layers 1..L-1, deep samples get their layer's prompts; shallow samples
+  keep the previous layer's prompt outputs (a per-sample select, exact).
 * Heads: all heads are stacked into one matrix (padded classes have weight 0 and bias -inf, so
   their probability is exactly 0); each sample keeps its own task's logits.
 
@@ -21,8 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vpt_cli.blocks import block_rows, rows_read_after
-from vpt_cli.prompts import PromptedViT, embed_tokens
+from vpt_cli.models.prompted import PromptPlan, PromptedViT, prompted_forward
 
 
 class MultiTaskViT(nn.Module):
@@ -40,7 +38,8 @@ class MultiTaskViT(nn.Module):
         if any(task.backbone is not backbone for task in tasks):
             raise ValueError("every task model must be built on the shared backbone")
         self.backbone = backbone
-        depth, width = len(backbone.blocks), backbone.embed_dim
+        self.adapter = tasks[0].adapter
+        depth, width = self.adapter.depth, self.adapter.width
         lengths = [task.num_prompts for task in tasks]
         deep = [task.deep and task.num_prompts > 0 for task in tasks]
         self.max_prompts = max(lengths)
@@ -49,7 +48,7 @@ class MultiTaskViT(nn.Module):
         bank = torch.zeros(len(tasks), depth, self.max_prompts, width)
         num_classes = [task.head.out_features for task in tasks]
         self.max_classes = max(num_classes)
-        weight = torch.zeros(len(tasks), self.max_classes, backbone.num_features)
+        weight = torch.zeros(len(tasks), self.max_classes, self.adapter.num_features)
         bias = torch.full((len(tasks), self.max_classes), float("-inf"))
         with torch.no_grad():
             for t, task in enumerate(tasks):
@@ -74,44 +73,30 @@ class MultiTaskViT(nn.Module):
         """Always eval: this model only serves frozen tasks."""
         return super().train(False)
 
-    def forward_features(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass.
-
-        Prompt slots follow the patch tokens, as in `encode_with_prompts`, so blocks skip the
-        same unread rows (deep prompt outputs when every task is deep, non-CLS rows at the end).
-        """
-        backbone, slots = self.backbone, self.max_prompts
-        x = embed_tokens(backbone, images)
-        tokens = x.shape[1]
-        lengths = self.prompt_lengths.index_select(0, task_index)
-        mask = None
-        if len(self.distinct_lengths) > 1:
-            keep = torch.arange(slots, device=x.device) < lengths[:, None]
-            mask = torch.cat([keep.new_ones(keep.shape[0], tokens), keep], dim=1)[:, None, None, :]
+    def prompt_plan(self, task_index: torch.Tensor) -> PromptPlan:
+        """Each sample's own task prompts: a padded, per-sample case of the single-task plan."""
         deep = self.deep.index_select(0, task_index)[:, None, None]
-        for index, block in enumerate(backbone.blocks):
-            if slots and index == 0:
-                x = torch.cat([x, self._layer_prompts(0, task_index, x.dtype)], dim=1)
-            elif slots and self.any_deep:
-                prompts = self._layer_prompts(index, task_index, x.dtype)
-                if not self.all_deep:
-                    prompts = torch.where(deep, prompts, x[:, tokens:])
-                x = torch.cat([x[:, :tokens], prompts], dim=1)
-            rows = rows_read_after(backbone, index, x.shape[1], tokens, self.all_deep)
-            x = block_rows(block, x, rows, attn_mask=mask)
-        x = backbone.norm(x)
-        if mask is None or x.shape[1] <= tokens:  # no padding among the rows pooling reads
-            return backbone.forward_head(x, pre_logits=True)
-        pooled = None
-        for length in self.distinct_lengths:  # pool each length without its padding slots
-            own = backbone.forward_head(x[:, : tokens + length], pre_logits=True)
-            pooled = own if pooled is None else torch.where((lengths == length)[:, None], own, pooled)
-        return pooled
 
-    def _layer_prompts(self, layer: int, task_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        def prompts_at(layer: int, previous: torch.Tensor | None) -> torch.Tensor | None:
+            if previous is None:
+                return self._layer_prompts(0, task_index)
+            if not self.any_deep:
+                return None
+            prompts = self._layer_prompts(layer, task_index)
+            return prompts if self.all_deep else torch.where(deep, prompts.to(previous.dtype), previous)
+
+        return PromptPlan(slots=self.max_prompts, prompts_at=prompts_at, replaced_before=lambda layer: self.all_deep,
+                          lengths=self.prompt_lengths.index_select(0, task_index),
+                          distinct_lengths=self.distinct_lengths)
+
+    def forward_features(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass."""
+        return prompted_forward(self.adapter, images, self.prompt_plan(task_index))
+
+    def _layer_prompts(self, layer: int, task_index: torch.Tensor) -> torch.Tensor:
         """(B, slots, D): each sample's task prompts for `layer`, gathered one layer at a time (a
         whole-bank gather copies L times more and hits a slow CPU index_select path)."""
-        return self.prompt_bank[:, layer].index_select(0, task_index).to(dtype)
+        return self.prompt_bank[:, layer].index_select(0, task_index)
 
     def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """(B, max_classes) logits of each sample's own task; padded classes are -inf."""

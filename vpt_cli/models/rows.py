@@ -27,7 +27,8 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int, attn_mask: torch.Te
         return out[:, :rows]
     attn = block.attn
     batch, tokens, _ = x.shape
-    heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+    heads, head_dim = attn.num_heads, attn.head_dim
+    width = heads * head_dim  # timm >= 1.0.20 also names it attn.attn_dim
     normed = block.norm1(x)
     weight, bias = attn.qkv.weight, attn.qkv.bias
     query_rows = normed[:, :rows]
@@ -39,24 +40,9 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int, attn_mask: torch.Te
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=attn.scale)
     out = attn.norm(out.transpose(1, 2).reshape(batch, rows, width))
-    if attn.gate is not None:
-        out = out * attn.gate(query_rows).sigmoid()
+    gate = getattr(attn, "gate", None)  # gated attention: timm >= 1.0.20
+    if gate is not None:
+        out = out * gate(query_rows).sigmoid()
     out = attn.proj_drop(attn.proj(out))
     y = x[:, :rows] + block.drop_path1(block.ls1(out))
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
-
-
-def rows_read_after(backbone: nn.Module, index: int, length: int, tokens: int, prompts_replaced: bool) -> int:
-    """How many leading rows of block `index`'s output (`length` rows) anything reads: after the
-    last block, what the pooling reads; before it, all rows, or only the `tokens` ahead of the
-    prompts when the next layer replaces them (VPT-deep)."""
-    if index + 1 == len(backbone.blocks):
-        return rows_read_by_pooling(backbone, length)
-    return tokens if prompts_replaced else length
-
-
-def rows_read_by_pooling(backbone: nn.Module, tokens: int) -> int:
-    """How many leading rows of the last block the backbone's pooling reads: 1 for CLS-token
-    pooling, all `tokens` for average/max/attention pooling (which cover the prompts too)."""
-    pools_cls = getattr(backbone, "global_pool", None) == "token" and getattr(backbone, "attn_pool", None) is None
-    return 1 if pools_cls else tokens

@@ -1,0 +1,77 @@
+"""The interface of a family adapter: what the prompted forward needs to know about a backbone.
+
+Prompts carry no position and ride after every other token (vpt-method.md: attention treats
+tokens as a set, so this equals the paper's [prefix, prompts, patches] order up to float
+summation order); an adapter keeps them that way through its family's machinery.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class FamilyAdapter(ABC):
+    """Layout of one backbone family, bound to one model instance.
+
+    Subclasses set `family` and implement the abstract methods; the model itself stays a stock
+    timm module, so any checkpoint of the family loads unchanged.
+    """
+
+    family = "?"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Token width at the first layer (the width of the first layer's prompts)."""
+
+    @abstractmethod
+    def layer_widths(self) -> list[int]:
+        """Token width at the input of every layer, in order (one deep prompt bank per layer)."""
+
+    @property
+    @abstractmethod
+    def num_features(self) -> int:
+        """Width of the pooled features the head reads."""
+
+    @property
+    @abstractmethod
+    def patch_size(self) -> int:
+        """Side of a square input patch in pixels (the paper's prompt init bound uses it)."""
+
+    @property
+    @abstractmethod
+    def num_patches(self) -> int:
+        """Patch tokens at the model's input size (the auto prompt-count rule scales with it)."""
+
+    @property
+    @abstractmethod
+    def num_prefix_tokens(self) -> int:
+        """Tokens ahead of the patches (CLS, distillation, registers): never prompts."""
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_widths())
+
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + patches, width): the positioned sequence that prompts are appended to."""
+
+    @abstractmethod
+    def run_layer(self, index: int, x: torch.Tensor, rows: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Layer `index` on `x`, returning only its first `rows` output rows (the rest are unread).
+
+        `attn_mask` (B, 1, 1, tokens), True where a key may be attended, hides padded prompt
+        slots of a mixed-task batch."""
+
+    @abstractmethod
+    def rows_read_by_pooling(self, length: int) -> int:
+        """How many leading rows of the last layer's output (`length` rows) the pooling reads."""
+
+    @abstractmethod
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and pooling of the last layer's output -> (B, num_features) pre-logits."""

@@ -1,0 +1,84 @@
+"""The linear probe: pooled features once, then an L2-regularised logistic regression (L-BFGS).
+
+It is both a baseline (`--method linear`) and the head every prompt run starts from
+("LP then tune", README "Defaults").
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.reporting import Reporter
+from vpt_cli.runtime import autocast
+
+PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: ties keep the smaller head
+
+
+@torch.no_grad()  # not inference_mode: the probe fit needs autograd on these features
+def extract_features(model: PromptedViT, loader: Iterable, device: torch.device, amp: bool,
+                     reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of the (prompted) backbone and labels for every batch, in fp32 on CPU."""
+    model.eval()
+    features, labels = [], []
+    reporter.start("features", len(loader))
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets, _ = batch
+        with autocast(device, amp):
+            features.append(model.forward_features(images.to(device)).float().cpu())
+        labels.append(targets)
+        reporter.advance(len(targets))
+    reporter.finish()
+    if not features:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(labels)
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    weight_decay: float, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution."""
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
+                    device: torch.device, amp: bool, reporter: Reporter) -> float | None:
+    """Set the head to the best linear probe on the model's initial features (LP-then-tune).
+
+    The probe's L2 strength is picked on the val split when there is one. Training then starts
+    at the probe's accuracy instead of chance, which is what lets prompts beat the probe on
+    small folders (see README, "Defaults"). Returns the probe's val accuracy.
+    """
+    train_x, train_y = extract_features(model, train_loader, device, amp, reporter)
+    val_x, val_y = extract_features(model, val_loader, device, amp, reporter) if val_loader else (None, None)
+    num_classes = model.head.out_features
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn.
+    for decay in PROBE_WEIGHT_DECAYS if val_x is not None and len(val_x) else (1e-3,):
+        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay)
+        score = (
+            ((val_x @ weight.T + bias).argmax(1) == val_y).float().mean().item()
+            if val_x is not None and len(val_x) else 0.0
+        )
+        if best is None or score > best[0]:
+            best = (score, weight, bias)
+    assert best is not None
+    with torch.no_grad():
+        model.head.weight.copy_(best[1])
+        model.head.bias.copy_(best[2])
+    reporter.log(f"linear probe head: val acc {best[0]:.4f}")
+    return best[0] if val_x is not None and len(val_x) else None
