@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
-
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from vpt_cli.artifact import (FORMAT_VERSION, Task, TaskInfo, list_tasks, load_task, read_task_info,
-                              resolve_task_path, save_task, tasks_dir)
+from vpt_cli.artifact import (FORMAT_VERSION, Task, TaskInfo, list_tasks, load_task, read_safetensors_header,
+                              read_task_info, resolve_task_path, save_task, tasks_dir)
 from vpt_cli.errors import TaskError
 
 
@@ -79,6 +81,33 @@ def test_registry_names_and_paths(isolated_home, tmp_path):
     save_task(make_task("cars"), resolve_task_path("cars"))
     (tasks_dir() / "broken.safetensors").write_bytes(b"junk")
     assert [info.name for _, info in list_tasks()] == ["birds", "cars"]
+
+
+def test_vpt_tasks_reads_headers_without_importing_torch(isolated_home):
+    for name in ("birds", "cars", "dogs"):
+        save_task(make_task(name), resolve_task_path(name))
+    code = ("import sys; from vpt_cli.cli import app\n"
+            "try:\n    app(['tasks', '--json'])\nexcept SystemExit:\n    pass\n"
+            "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "VPT_HOME": str(isolated_home)})
+    assert result.stderr.endswith("NO-TORCH"), result.stderr
+    listed = json.loads(result.stdout)
+    assert [row["name"] for row in listed] == ["birds", "cars", "dogs"]
+    assert listed[0]["classes"] == make_task().info.classes
+
+
+def test_header_reader_agrees_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    path = save_task(make_task("birds"), tmp_path / "birds.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        expected = handle.metadata()
+    assert read_safetensors_header(path)["__metadata__"] == expected
+    for bad in (b"", b"\x08" + b"\x00" * 7 + b"{}", (10**12).to_bytes(8, "little") + b"{}", b"\x02" + b"\x00" * 7 + b"[]"):
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        with pytest.raises(TaskError, match="not a readable task file"):
+            read_safetensors_header(tmp_path / "bad.safetensors")
 
 
 def test_vit_b16_deep_task_is_under_one_percent_of_the_backbone(tmp_path):

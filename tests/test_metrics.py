@@ -221,10 +221,15 @@ def test_confusion_png(num_classes: int, tmp_path: Path) -> None:
 
 
 def test_confusion_png_of_empty_report(tmp_path: Path) -> None:
-    report = classification_report(torch.empty(0, 3), torch.empty(0, dtype=torch.long), ["é", "日本", "x"])
+    classes = ["é", "日本", "x"]
+    report = classification_report(torch.empty(0, 3), torch.empty(0, dtype=torch.long), classes)
     render_confusion_png(report, tmp_path / "c.png")
-    with Image.open(tmp_path / "c.png") as image:
-        image.verify()
+    filled = classification_report(logits_for([0, 1, 2], 3), torch.tensor([0, 1, 1]), classes)
+    render_confusion_png(filled, tmp_path / "filled.png")
+    with Image.open(tmp_path / "c.png") as empty, Image.open(tmp_path / "filled.png") as full:
+        assert empty.size[1] == full.size[1]  # the same grid rows and labels, only the counts differ
+        assert len(empty.convert("RGB").getcolors(1 << 16)) > 2  # grid and class names drawn, not a blank page
+        assert list(empty.convert("RGB").getdata()) != list(full.convert("RGB").getdata())
 
 
 def test_history_png(tmp_path: Path) -> None:

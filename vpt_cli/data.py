@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.transforms import MaybeToTensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -43,14 +42,6 @@ class Sample:
 
     path: Path
     label: int
-
-
-@dataclass
-class Split:
-    """Samples with the class names their labels index into."""
-
-    samples: list[Sample]
-    classes: list[str]
 
 
 @dataclass
@@ -366,9 +357,7 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def validate_samples(
-    samples: list[Sample], progress: Callable[[int, int], None] | None = None
-) -> tuple[list[Sample], list[tuple[Path, str]]]:
+def validate_samples(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Path, str]]]:
     """Cheaply check every image's header -> (good, bad), so bad files are reported up-front.
 
     Only headers are read (plus PNG checksums via verify), so truncated pixel data can still
@@ -376,15 +365,13 @@ def validate_samples(
     """
     good: list[Sample] = []
     bad: list[tuple[Path, str]] = []
-    for done, sample in enumerate(samples, 1):
+    for sample in samples:
         try:
             with _pil_errors(sample.path), Image.open(sample.path) as image:
                 image.verify()
             good.append(sample)
         except ImageLoadError as exc:
             bad.append((sample.path, exc.reason))
-        if progress is not None:
-            progress(done, len(samples))
     return good, bad
 
 
@@ -488,6 +475,6 @@ def build_transform(
     if not train or augment == "none":
         return eval_transform
     steps = list(eval_transform.transforms)
-    to_tensor = next(i for i, s in enumerate(steps) if isinstance(s, (MaybeToTensor, transforms.ToTensor)))
+    to_tensor = next(i for i, s in enumerate(steps) if type(s).__name__ in ("MaybeToTensor", "ToTensor"))
     steps.insert(to_tensor, transforms.RandomHorizontalFlip(0.5))
     return transforms.Compose(steps)

@@ -6,7 +6,7 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vpt_cli.engine import EpochStats, Reporter
+from vpt_cli.reporting import EpochStats, Reporter
 
 
 class RichReporter(Reporter):

@@ -39,7 +39,6 @@ def supported_families() -> list[str]:
 def adapter_class_for(model_class: type) -> type[FamilyAdapter] | None:
     """The adapter registered for `model_class` itself (subclasses may change the layout, so they
     must be registered on their own)."""
-    _load_builtin_adapters()
     return _ADAPTERS.get(model_class)
 
 
@@ -52,8 +51,3 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
             f"supported: {', '.join(supported_families())}"
         )
     return adapter_cls(model)
-
-
-def _load_builtin_adapters() -> None:
-    """Import the adapter modules that register themselves (deferred: they import timm models)."""
-    from vpt_cli.models import vit  # noqa: F401

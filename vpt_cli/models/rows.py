@@ -39,7 +39,10 @@ def block_rows(block: nn.Module, x: torch.Tensor, rows: int, attn_mask: torch.Te
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, rows, width))
+    out = out.transpose(1, 2).reshape(batch, rows, width)
+    norm = getattr(attn, "norm", None)  # scale_norm: timm >= 1.0.9
+    if norm is not None:
+        out = norm(out)
     gate = getattr(attn, "gate", None)  # gated attention: timm >= 1.0.20
     if gate is not None:
         out = out * gate(query_rows).sigmoid()
