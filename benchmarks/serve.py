@@ -35,7 +35,8 @@ from _report import DEFAULT_WEIGHTS, MMAP_ENV, ROOT, machine_line, markdown_tabl
 
 import torch  # noqa: E402
 
-from vpt_cli.artifact import Task, TaskInfo, load_task, resolve_task_path, save_task, tasks_dir  # noqa: E402
+from vpt_cli.artifact import Task, TaskInfo, load_task, save_task  # noqa: E402
+from vpt_cli.home import resolve_task_path, tasks_dir  # noqa: E402
 from vpt_cli.backbones import Backbone, create_backbone  # noqa: E402
 from vpt_cli.config import BackboneConfig, PromptConfig  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402

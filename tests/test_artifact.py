@@ -12,15 +12,22 @@ import torch
 from safetensors.torch import save_file
 
 from vpt_cli.artifact import (FORMAT_VERSION, Task, TaskInfo, list_tasks, load_task, read_safetensors_header,
-                              read_task_info, resolve_task_path, save_task, tasks_dir)
-from vpt_cli.errors import TaskError
+                              read_task_info, save_task)
+from vpt_cli.home import resolve_task_path, tasks_dir
+from vpt_cli.errors import TaskError, UsageError
+
+
+DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+               "crop_pct": 0.9, "crop_mode": "center"}
 
 
 def make_task(name="birds"):
-    info = TaskInfo(name=name, backbone="vit_tiny_patch16_224", backbone_fingerprint="abc", img_size=32,
-                    data_config={"mean": [0.5] * 3}, prompt={"method": "vpt-deep", "num_prompts": 2},
+    """A small valid task file's content (4-wide prompts, 2 classes)."""
+    info = TaskInfo(name=name, backbone="vit_tiny_patch16_224", backbone_fingerprint="0" * 32, img_size=32,
+                    data_config=dict(DATA_CONFIG), prompt={"method": "vpt-deep", "num_prompts": 2},
                     classes=["a", "b"])
-    return Task(info=info, tensors={"prompts": torch.randn(2, 2, 4), "head.weight": torch.randn(2, 4)})
+    return Task(info=info, tensors={"prompts": torch.randn(2, 2, 4), "head.weight": torch.randn(2, 4),
+                                    "head.bias": torch.randn(2)})
 
 
 def test_roundtrip_keeps_tensors_and_metadata(tmp_path):
@@ -75,12 +82,15 @@ def test_foreign_corrupt_and_newer_files_are_refused(tmp_path):
 def test_registry_names_and_paths(isolated_home, tmp_path):
     assert resolve_task_path("birds") == isolated_home / "tasks" / "birds.safetensors"
     assert resolve_task_path(str(tmp_path / "x.safetensors")) == tmp_path / "x.safetensors"
-    with pytest.raises(TaskError, match="invalid task name"):
+    with pytest.raises(UsageError, match="invalid task name"):
         resolve_task_path("bad name!")
     save_task(make_task("birds"), resolve_task_path("birds"))
     save_task(make_task("cars"), resolve_task_path("cars"))
     (tasks_dir() / "broken.safetensors").write_bytes(b"junk")
-    assert [info.name for _, info in list_tasks()] == ["birds", "cars"]
+    entries = list_tasks()
+    assert [entry.name for entry in entries] == ["birds", "broken", "cars"]
+    assert [entry.info is None for entry in entries] == [False, True, False]
+    assert "not a readable task file" in entries[1].error
 
 
 def test_vpt_tasks_reads_headers_without_importing_torch(isolated_home):

@@ -121,7 +121,8 @@ def test_yaml_config_with_cli_override(tiny_weights, tmp_path):
     result = vpt("train", SAMPLE, "--config", config, "--epochs", "1", "--prompt-init", "uniform", "--task", "y", "--json")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["history"]) == 1
-    from vpt_cli.artifact import read_task_info, resolve_task_path
+    from vpt_cli.artifact import read_task_info
+    from vpt_cli.home import resolve_task_path
 
     info = read_task_info(resolve_task_path("y"))
     assert info.prompt["method"] == "vpt-shallow" and info.prompt["num_prompts"] == 3

@@ -8,13 +8,14 @@ import torch
 
 from vpt_cli import api, engine
 from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
-from vpt_cli.artifact import resolve_task_path, runs_dir
+from vpt_cli.home import resolve_task_path, runs_dir
 from vpt_cli.checkpoint import Checkpoint
-from vpt_cli.errors import TaskError, TrainingInterrupted
+from vpt_cli.artifact import load_task
+from vpt_cli.errors import TaskError, Terminated, TrainingInterrupted
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.probe import fit_linear_head
 from vpt_cli.reporting import Reporter
-from vpt_cli.training import prepare_run
+from vpt_cli.training import claim_task, prepare_run
 
 from conftest import tiny_config
 
@@ -87,7 +88,8 @@ def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weigh
 def test_start_seeds_prompts_from_training_images_unless_uniform(tiny_weights, init):
     config = tiny_run(tiny_weights, epochs=1)
     config.prompt.init = init
-    run = prepare_run(config, "start", True, Reporter())
+    with claim_task(config, "start", force=True) as claimed:
+        run = prepare_run(config, claimed, Reporter())
     model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
     paper_init = model.prompts.detach().clone()
     engine.TrainingRun(model, run.train_loader, run.val_loader, run.classes, config.train, run.device,
@@ -125,21 +127,68 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes(tiny_weights, monkeypa
     assert resolve_task_path("resumable").is_file()
 
     changed = tiny_run(tiny_weights, epochs=5, patience=0)
-    with pytest.raises(TaskError, match="other settings"):
+    with pytest.raises(TaskError, match=r"other settings \(train.epochs 3 -> 5\)"):
         api.train(changed, task="resumable", resume=True, force=True)
+    with pytest.raises(TaskError, match="finished, so there is nothing to resume"):
+        api.train(config, task="resumable", resume=True)
+
+
+class InterruptIn(Reporter):
+    """Raises Ctrl-C (or SIGTERM's Terminated) a few batches into epoch `epoch`."""
+
+    def __init__(self, epoch: int, error: type[BaseException] = KeyboardInterrupt):
+        self.epoch, self.error, self.current = epoch, error, None
+
+    def start(self, description, total):
+        self.current = description
+
+    def advance(self, steps=1):
+        if self.current.startswith(f"epoch {self.epoch}/"):
+            raise self.error()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tiny_weights, workers):
+    """Prompt dropout, shuffling and flip augmentation all draw random numbers: the checkpoint
+    carries every generator, so the resumed run repeats the uninterrupted one bit for bit."""
+    config = tiny_run(tiny_weights, epochs=3, patience=0)
+    config.data.workers = workers
+    straight = api.train(config, task="straight")
+    with pytest.raises(TrainingInterrupted, match="epoch 1 is saved") as interrupted:
+        api.train(config, task="resumed", reporter=InterruptIn(2, Terminated))
+    assert interrupted.value.exit_code == 143
+    resumed = api.train(config, task="resumed", resume=True)
+    expected, got = load_task(straight.task_path).tensors, load_task(resumed.task_path).tensors
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in straight.history]
+
+
+def test_interrupt_before_the_first_epoch_says_nothing_to_resume(tiny_weights):
+    config = tiny_run(tiny_weights, epochs=2)
+    with pytest.raises(TrainingInterrupted, match="nothing to resume"):
+        api.train(config, task="early", reporter=InterruptIn(1))
+    with pytest.raises(TaskError, match="nothing to resume: no checkpoint"):
+        api.train(config, task="early", resume=True)
 
 
 def test_checkpoint_roundtrip_restores_weights_and_optimizer(tiny_backbone, tmp_path):
     model = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2))
     optimizer = engine.build_optimizer(model, TrainConfig())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
+    scheduler.step()
     checkpoint = Checkpoint(tmp_path / "last.safetensors")
-    checkpoint.save(model, model.task_state_dict(), optimizer, {"epoch": 4})
+    rng = {"torch": torch.get_rng_state(), "python": [3, list(range(625)), None]}
+    checkpoint.save(model=model, best_state=model.task_state_dict(), optimizer=optimizer, scheduler=scheduler,
+                    state={"epoch": 4}, settings={"train.lr": 0.1}, rng=rng)
+    assert checkpoint.settings() == {"train.lr": 0.1}
     fresh = PromptedViT(tiny_backbone.model, 3, PromptConfig(num_prompts=2))
     fresh_optimizer = engine.build_optimizer(fresh, TrainConfig())
-    best, state = checkpoint.load(fresh, fresh_optimizer)
-    assert state == {"epoch": 4}
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 0.5)
+    best, state, restored = checkpoint.load(model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert state == {"epoch": 4} and fresh_scheduler.last_epoch == scheduler.last_epoch == 1
+    assert torch.equal(restored["torch"], rng["torch"]) and restored["python"] == rng["python"]
     assert torch.equal(fresh.prompts, model.prompts) and torch.equal(best["prompts"], model.prompts)
     exp_avg = lambda opt: opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
     assert torch.equal(exp_avg(fresh_optimizer), exp_avg(optimizer))

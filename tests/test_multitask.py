@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.artifact import Task, TaskInfo, save_task, tasks_dir
+from vpt_cli.artifact import Task, TaskInfo, save_task
+from vpt_cli.home import tasks_dir
 from vpt_cli.backbones import create_backbone
 from vpt_cli.cli import app
 from vpt_cli.config import PromptConfig

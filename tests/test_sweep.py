@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from vpt_cli import sweep
-from vpt_cli.artifact import read_task_info, resolve_task_path
+from vpt_cli.artifact import read_task_info
+from vpt_cli.home import resolve_task_path
 from vpt_cli.cli import app
 from vpt_cli.config import RunConfig, TrainConfig
 from vpt_cli.errors import UsageError

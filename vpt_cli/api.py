@@ -5,8 +5,6 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +12,12 @@ from typing import Any
 
 import torch
 
-from vpt_cli.artifact import runs_dir
-from vpt_cli.checkpoint import Checkpoint
+from vpt_cli.home import runs_dir, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
                           list_images, make_loader, read_task_requests, scan_class_folders, validate_samples)
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
-from vpt_cli.errors import DataError, PredictError, UsageError
+from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
 from vpt_cli.metrics import EvalReport, write_confusion_csv
 from vpt_cli.models.prompted import PromptedViT
@@ -29,28 +26,38 @@ from vpt_cli.probe import probe_init_head
 from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
 from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
-from vpt_cli.training import TrainResult, prepare_run, save_trained
+from vpt_cli.training import TrainResult, claim_task, prepare_run, run_settings, save_trained
 
 
 def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
           reporter: Reporter | None = None) -> TrainResult:
-    """Train a task on `config.data.path` and save it to the registry (or to a task file path)."""
+    """Train a task on `config.data.path` and save it to the registry (or to a task file path).
+
+    The task is locked for the run; an existing task needs `force`, and `resume` continues the
+    last finished epoch of an interrupted run with the same settings (checked before anything
+    is loaded). Ctrl-C or SIGTERM raise TrainingInterrupted, saying what can be resumed.
+    """
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    run = prepare_run(config, task, force or resume, reporter)
-    model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
-    if config.prompt.method == "linear":
-        model.to(run.device)
-        probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter)
-        report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val")
-                  if run.val_loader else None)
-        result = FitResult([], 0, report, False, 0.0, probe_acc)
-    else:
-        run_key = hashlib.sha256(json.dumps({k: v for k, v in config.to_dict().items() if k != "train"} |
-                                            {"epochs": config.train.epochs}, sort_keys=True).encode()).hexdigest()[:16]
-        result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train, run.device,
-                     Checkpoint(run.run_dir / "last.safetensors"), reporter, resume=resume, run_fingerprint=run_key)
-    return save_trained(run, model, config, result, started)
+    with claim_task(config, task, force=force, resume=resume) as claimed:
+        try:
+            run = prepare_run(config, claimed, reporter)
+        except KeyboardInterrupt as exc:
+            what = ("continue with --resume" if claimed.checkpoint.exists() and resume
+                    else "nothing to resume; run the same command again")
+            raise TrainingInterrupted(f"interrupted before training started: {what}",
+                                      exit_code=getattr(exc, "exit_code", 130)) from None
+        model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
+        if config.prompt.method == "linear":
+            model.to(run.device)
+            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter)
+            report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val")
+                      if run.val_loader else None)
+            result = FitResult([], 0, report, False, 0.0, probe_acc)
+        else:
+            result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
+                         run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config))
+        return save_trained(run, model, config, result, started)
 
 
 def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None],
@@ -91,11 +98,15 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     loader = make_loader(ImageDataset(good, build_transform(loaded.backbone.data_config, train=False)),
                          batch_size, False, workers, 0)
     report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter)
-    out = Path(output_dir) if output_dir else runs_dir(loaded.task.info.name) / "eval"
+    name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
+    out = Path(output_dir) if output_dir else runs_dir(name) / "eval"
     csv_path, png_path = out / "confusion.csv", out / "confusion.png"
-    write_confusion_csv(report, csv_path)
-    render_confusion_png(report, png_path, title=f"{loaded.task.info.name} on {Path(data).name}")
-    return EvalResult(loaded.task.info.name, report, unknown, skipped, csv_path, png_path)
+    try:
+        write_confusion_csv(report, csv_path)
+        render_confusion_png(report, png_path, title=f"{name} on {Path(data).name}")
+    except OSError as exc:
+        raise UsageError(f"cannot write the eval files to {out}: {exc.strerror or exc}") from None
+    return EvalResult(name, report, unknown, skipped, csv_path, png_path)
 
 
 @dataclass

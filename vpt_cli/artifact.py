@@ -3,30 +3,57 @@
 Tensors (prompts, optional projection, head; a full fine-tune adds the backbone) are stored
 under the names `PromptedViT.task_state_dict()` gives them. Everything else a task needs to be
 rebuilt on a standard timm backbone lives in the safetensors string metadata under "vpt_task"
-(see README, "The task file"). Writes are atomic; nothing is unpickled when reading. Metadata is
-read straight from the safetensors header, without torch, so listing tasks is instant.
+(see README, "The task file").
+
+Task files are shared, so each one is input from a stranger: `read_task_info` checks every
+metadata field (types, ranges, lengths, safe names, printable class names, only the backbone
+arguments a family takes, within bounds that keep the model small) and `load_task` checks every
+tensor (names, dtypes, shapes against the metadata, finite values) before anything uses them;
+anything else is one TaskError line (exit 5). Nothing is unpickled; metadata is read straight
+from the safetensors header without torch, so listing tasks is instant. Writes are atomic.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from vpt_cli.config import METHODS, PROMPT_INITS, PromptConfig
 from vpt_cli.errors import TaskError, one_line
 from vpt_cli.fileio import write_bytes
+from vpt_cli.home import NAME_PATTERN, TASK_SUFFIX, tasks_dir
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = 1
 METADATA_KEY = "vpt_task"
-TASK_SUFFIX = ".safetensors"
 _MAX_HEADER_BYTES = 16 * 2**20  # a task's header is a few KB; anything near this is not a task
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MAX_IMG_SIZE = 2048
+_MAX_CLASSES = 100_000
+_MAX_CLASS_NAME = 200
+_MAX_PROMPTS = 1024
+_MAX_PARAMS = 1.2e9  # ~ViT-g: a task file cannot make us build a bigger backbone than that
+_BACKBONE_NAME = re.compile(r"^[a-z0-9_]{1,100}(\.[A-Za-z0-9_-]{1,60})?$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+_CROP_MODES = ("center", "squash", "border")
+_TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
+# Constructor arguments a task may pass to its timm backbone, with the values each may take.
+_INT_RANGES = {"patch_size": (1, 64), "embed_dim": (8, 4096), "depth": (1, 64), "num_heads": (1, 64),
+               "reg_tokens": (0, 64), "window_size": (1, 64), "num_classes": (0, 0)}
+_INT_LIST_RANGES = {"depths": (1, 64), "num_heads": (1, 64)}
+_FLOAT_RANGES = {"mlp_ratio": (0.25, 16.0), "drop_rate": (0.0, 1.0), "pos_drop_rate": (0.0, 1.0),
+                 "proj_drop_rate": (0.0, 1.0), "attn_drop_rate": (0.0, 1.0), "drop_path_rate": (0.0, 1.0),
+                 "init_values": (0.0, 10.0)}
+_BOOLS = ("class_token", "qkv_bias", "qk_norm", "no_embed_class", "fc_norm", "dynamic_img_size",
+          "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias", "use_rot_pos_emb", "swiglu_mlp",
+          "scale_mlp", "ape", "pre_norm")
+_CHOICES = {"global_pool": ("", "token", "avg", "avgmax", "max", "map", "avg_token")}
 
 
 @dataclass
@@ -89,84 +116,231 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def read_task_info(path: Path) -> TaskInfo:
-    """Only the metadata of a task file (cheap: tensors are not read)."""
-    path = Path(path)
+    """The checked metadata of a task file (cheap: tensors are not read)."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[TaskInfo, dict[str, Any]]:
+    """(checked metadata, the header's tensor entries) of a task file."""
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
-    metadata = read_safetensors_header(path).get("__metadata__") or {}
-    if METADATA_KEY not in metadata:
+    header = read_safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
         raise TaskError(f"{path} is a safetensors file but not a vpt task (no '{METADATA_KEY}' metadata)")
     try:
         raw = json.loads(metadata[METADATA_KEY])
     except (TypeError, ValueError):
         raise TaskError(f"{path} has unreadable task metadata (not JSON)") from None
-    if not isinstance(raw, dict):
-        raise TaskError(f"{path} has unreadable task metadata (not a JSON object)")
-    version = raw.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise TaskError(f"{path} uses task format {version}; this vpt-cli reads up to {FORMAT_VERSION}, please upgrade")
-    known = TaskInfo.__dataclass_fields__
-    return TaskInfo(**{k: v for k, v in raw.items() if k in known})
+    try:
+        return _check_info(raw), header
+    except _Invalid as exc:
+        raise TaskError(f"{path} is not a valid task file: {exc}") from None
 
 
 def load_task(path: Path) -> Task:
-    """Read a task file; a missing, foreign or newer-format file is a TaskError, not a crash."""
+    """Read and check a task file; anything missing, foreign, newer or malformed is a TaskError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    info = read_task_info(path)
+    path = Path(path)
+    info, entries = _read(path)
     try:
+        _check_tensor_entries(info, entries)
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except _Invalid as exc:
+        raise TaskError(f"{path} is not a valid task file: {exc}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise TaskError(f"{path} is not a readable task file ({one_line(exc, 120)})") from None
-    return Task(info=info, tensors=tensors, path=Path(path))
+    bad = [name for name, tensor in tensors.items() if not bool(tensor.isfinite().all())]
+    if bad:
+        raise TaskError(f"{path} is not a valid task file: tensor {bad[0]} holds NaN or infinite values")
+    return Task(info=info, tensors=tensors, path=path)
 
 
-def vpt_home() -> Path:
-    """$VPT_HOME, else the platform's per-user data folder (XDG on Linux)."""
-    if os.environ.get("VPT_HOME"):
-        return Path(os.environ["VPT_HOME"]).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "vpt"
-    if os.name == "nt":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "vpt"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "vpt"
+@dataclass
+class TaskEntry:
+    """One file of the registry: its checked metadata, or why it cannot be used."""
+
+    path: Path
+    info: TaskInfo | None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The registry name: the file name, whatever the metadata says."""
+        return self.path.name.removesuffix(TASK_SUFFIX)
 
 
-def tasks_dir() -> Path:
-    return vpt_home() / "tasks"
-
-
-def runs_dir(name: str) -> Path:
-    """Where a named task's run log, config and resumable checkpoint live."""
-    return vpt_home() / "runs" / name
-
-
-def check_task_name(name: str) -> str:
-    if not _NAME_PATTERN.match(name):
-        raise TaskError(f"invalid task name '{name}': use letters, digits, '.', '_' or '-' (at most 64)")
-    return name
-
-
-def resolve_task_path(name_or_path: str | Path) -> Path:
-    """`--task` accepts a registry name ('birds') or a path to a task file."""
-    text = str(name_or_path)
-    if text.endswith(TASK_SUFFIX) or os.sep in text or "/" in text:
-        return Path(text).expanduser()
-    return tasks_dir() / f"{check_task_name(text)}{TASK_SUFFIX}"
-
-
-def task_name_from(name_or_path: str | Path) -> str:
-    """The registry-style name of a task given by name or path (the file's stem)."""
-    return Path(str(name_or_path)).name.removesuffix(TASK_SUFFIX)
-
-
-def list_tasks() -> list[tuple[Path, TaskInfo]]:
-    """Every readable task in the registry, by name; unreadable files are left out, not fatal."""
-    found = []
+def list_tasks() -> list[TaskEntry]:
+    """Every task file in the registry by name; a bad one is listed with its error, not fatal."""
+    entries = []
     for path in sorted(tasks_dir().glob(f"*{TASK_SUFFIX}")):
         try:
-            found.append((path, read_task_info(path)))
-        except TaskError:
-            continue
-    return found
+            entries.append(TaskEntry(path, read_task_info(path)))
+        except TaskError as exc:
+            entries.append(TaskEntry(path, None, str(exc).removeprefix(f"{path} ")))
+    return entries
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """One field of a task file is unusable; the message names it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise _Invalid(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> None:
+    _require(_is_int(value) and low <= value <= high, f"{name} must be an integer in [{low}, {high}]")
+
+
+def _float_in(name: str, value: Any, low: float, high: float) -> None:
+    _require(_is_number(value) and low <= value <= high, f"{name} must be a number in [{low}, {high}]")
+
+
+def _check_info(raw: Any) -> TaskInfo:
+    """TaskInfo from untrusted JSON, every field checked (see module doc)."""
+    _require(isinstance(raw, dict), "metadata is not a JSON object")
+    version = raw.get("format_version", 0)
+    _require(_is_int(version), "format_version must be an integer")
+    if version > FORMAT_VERSION:
+        raise TaskError(f"task format {version} is newer than this vpt-cli reads ({FORMAT_VERSION}); please upgrade")
+    known = {f.name for f in TaskInfo.__dataclass_fields__.values()}
+    missing = [name for name in ("name", "backbone", "backbone_fingerprint", "img_size", "data_config", "prompt",
+                                 "classes") if name not in raw]
+    _require(not missing, f"missing {', '.join(missing)}")
+    checks: dict[str, Callable[[Any], None]] = {
+        "name": lambda v: _require(isinstance(v, str) and bool(NAME_PATTERN.match(v)), "name is not a valid task name"),
+        "backbone": lambda v: _require(isinstance(v, str) and bool(_BACKBONE_NAME.match(v)),
+                                       "backbone is not a timm model name"),
+        "backbone_fingerprint": lambda v: _require(isinstance(v, str) and bool(_FINGERPRINT.match(v)),
+                                                   "backbone_fingerprint is not a 32-digit hex digest"),
+        "img_size": lambda v: _int_in("img_size", v, 8, _MAX_IMG_SIZE),
+        "data_config": _check_data_config,
+        "prompt": _check_prompt,
+        "classes": _check_classes,
+        "backbone_kwargs": _check_backbone_kwargs,
+        "backbone_weights": lambda v: _require(v is None or (isinstance(v, str) and 0 < len(v) <= 4096 and "\0" not in v),
+                                               "backbone_weights must be a path or null"),
+        "metrics": _check_metrics,
+        "provenance": lambda v: _require(isinstance(v, dict), "provenance must be an object"),
+    }
+    for name, check in checks.items():
+        if name in raw:
+            check(raw[name])
+    return TaskInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def _check_data_config(config: Any) -> None:
+    _require(isinstance(config, dict), "data_config must be an object")
+    allowed = {"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"}
+    _require(set(config) <= allowed, f"data_config has unknown keys {sorted(set(config) - allowed)[:3]}")
+    size = config.get("input_size")
+    _require(isinstance(size, list) and len(size) == 3 and size[0] == 3
+             and all(_is_int(v) and 8 <= v <= _MAX_IMG_SIZE for v in size[1:]),
+             f"data_config.input_size must be [3, H, W] with H, W in [8, {_MAX_IMG_SIZE}]")
+    for key in ("mean", "std"):
+        value = config.get(key)
+        _require(isinstance(value, list) and len(value) == 3 and all(_is_number(v) and abs(v) <= 1e3 for v in value),
+                 f"data_config.{key} must be 3 finite numbers")
+    _require(all(v > 0 for v in config["std"]), "data_config.std must be positive")
+    _require(config.get("interpolation", "bicubic") in _INTERPOLATIONS,
+             f"data_config.interpolation must be one of {', '.join(_INTERPOLATIONS)}")
+    if "crop_pct" in config:
+        _float_in("data_config.crop_pct", config["crop_pct"], 0.05, 2.0)
+    _require(config.get("crop_mode", "center") in _CROP_MODES, f"data_config.crop_mode must be one of {_CROP_MODES}")
+
+
+def _check_prompt(prompt: Any) -> None:
+    _require(isinstance(prompt, dict), "prompt must be an object")
+    allowed = set(PromptConfig.__dataclass_fields__)
+    _require(set(prompt) <= allowed, f"prompt has unknown keys {sorted(set(prompt) - allowed)[:3]}")
+    _require(prompt.get("method") in METHODS, f"prompt.method must be one of {', '.join(METHODS)}")
+    if prompt["method"].startswith("vpt"):
+        _int_in("prompt.num_prompts", prompt.get("num_prompts"), 1, _MAX_PROMPTS)
+    elif prompt.get("num_prompts") is not None:
+        _int_in("prompt.num_prompts", prompt["num_prompts"], 0, _MAX_PROMPTS)
+    if prompt.get("dropout") is not None:
+        _float_in("prompt.dropout", prompt["dropout"], 0.0, 0.99)
+    _int_in("prompt.proj_dim", prompt.get("proj_dim", 0), 0, 4096)
+    _require(prompt.get("init", "tokens") in PROMPT_INITS, f"prompt.init must be one of {', '.join(PROMPT_INITS)}")
+    for key, value in prompt.items():  # fields added later: plain short values only
+        _require(value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 32),
+                 f"prompt.{key} has an unusable value")
+
+
+def _check_classes(classes: Any) -> None:
+    _require(isinstance(classes, list) and 1 <= len(classes) <= _MAX_CLASSES,
+             f"classes must be a list of 1 to {_MAX_CLASSES} names")
+    for name in classes:
+        _require(isinstance(name, str) and 0 < len(name) <= _MAX_CLASS_NAME and name.isprintable(),
+                 f"class names must be printable text of 1 to {_MAX_CLASS_NAME} characters")
+    _require(len(set(classes)) == len(classes), "class names must be unique")
+
+
+def _check_backbone_kwargs(kwargs: Any) -> None:
+    """Only arguments the supported families take, in ranges that keep the model buildable."""
+    _require(isinstance(kwargs, dict), "backbone_kwargs must be an object")
+    for key, value in kwargs.items():
+        where = f"backbone_kwargs.{key}"
+        if key in _INT_LIST_RANGES and isinstance(value, list):
+            low, high = _INT_LIST_RANGES[key]
+            _require(0 < len(value) <= 8 and all(_is_int(v) and low <= v <= high for v in value),
+                     f"{where} must be 1 to 8 integers in [{low}, {high}]")
+        elif key in _INT_RANGES:
+            _int_in(where, value, *_INT_RANGES[key])
+        elif key in _FLOAT_RANGES:
+            _float_in(where, value, *_FLOAT_RANGES[key])
+        elif key in _BOOLS:
+            _require(isinstance(value, bool) or value is None, f"{where} must be true, false or null")
+        elif key in _CHOICES:
+            _require(value in _CHOICES[key], f"{where} must be one of {_CHOICES[key]}")
+        else:
+            raise _Invalid(f"backbone_kwargs has an argument no supported family takes from a task file: {key[:40]!r}")
+    depth = sum(kwargs["depths"]) if isinstance(kwargs.get("depths"), list) else kwargs.get("depth", 12)
+    width = kwargs.get("embed_dim", 768)
+    ratio = kwargs.get("mlp_ratio", 4.0)
+    _require(depth * (4 + 2 * ratio) * width * width <= _MAX_PARAMS,
+             "backbone_kwargs describe a model too large to build from a task file")
+
+
+def _check_metrics(metrics: Any) -> None:
+    _require(isinstance(metrics, dict) and len(metrics) <= 64, "metrics must be an object")
+    for key, value in metrics.items():
+        _require(len(key) <= 64 and (value is None or _is_number(value)), f"metrics.{key[:40]} must be a finite number")
+
+
+def _check_tensor_entries(info: TaskInfo, entries: dict[str, Any]) -> None:
+    """Tensor names, dtypes and shapes from the header, against what the metadata promises."""
+    method = info.prompt["method"]
+    allowed = {"prompts", "prompt_proj.weight", "prompt_proj.bias", "head.weight", "head.bias"}
+    for name, entry in entries.items():
+        _require(name in allowed or (method == "full" and name.startswith("backbone.")),
+                 f"unexpected tensor {name[:60]!r} for a {method} task")
+        _require(isinstance(entry, dict) and entry.get("dtype") in _TENSOR_DTYPES,
+                 f"tensor {name[:60]} must be a float tensor ({', '.join(_TENSOR_DTYPES)})")
+    shape = {name: entry.get("shape") for name, entry in entries.items()}
+    classes = len(info.classes)
+    _require(isinstance(shape.get("head.weight"), list) and len(shape["head.weight"]) == 2
+             and shape["head.weight"][0] == classes, f"head.weight must have one row per class ({classes})")
+    _require(shape.get("head.bias") == [classes], f"head.bias must have one entry per class ({classes})")
+    if method.startswith("vpt"):
+        prompts = shape.get("prompts")
+        _require(isinstance(prompts, list) and len(prompts) == 3 and prompts[1] == info.prompt["num_prompts"]
+                 and prompts[0] >= 1 and (method == "vpt-deep" or prompts[0] == 1),
+                 f"prompts must have shape (layers, {info.prompt['num_prompts']}, width) for {method}")
+    else:
+        _require("prompts" not in shape, f"a {method} task holds no prompts")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -21,7 +23,8 @@ from vpt_cli import __version__
 from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, DEEP_PROMPT_DROPOUT,
                             DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, PROMPT_INITS, SELECTS,
                             SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig, SweepConfig)
-from vpt_cli.errors import UsageError, VPTError
+from vpt_cli.errors import Terminated, UsageError, VPTError, one_line
+from vpt_cli.safetext import printable, safe
 
 if TYPE_CHECKING:
     from vpt_cli.reporting import EpochStats
@@ -110,21 +113,38 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def _run(action: Callable[[], Any]) -> Any:
-    """Call `action`; turn user-facing errors into one stderr line and their exit code."""
+    """Call `action`; turn user-facing errors into one stderr line and their exit code.
+
+    SIGTERM is turned into `Terminated` (a KeyboardInterrupt) for the call, so training stops
+    and says what it saved exactly as on Ctrl-C, then exits 143."""
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return action()
     except VPTError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {safe(one_line(exc, 1000))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        err.print("[bold red]interrupted[/]" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""))
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     except Exception as exc:
         if os.environ.get("VPT_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (set VPT_DEBUG=1 for the traceback)",
-                  highlight=False, soft_wrap=True)
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {safe(one_line(exc, 300))} "
+                  "(set VPT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _reporter(quiet: bool):
@@ -173,7 +193,18 @@ def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: 
 
 
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    """Strict JSON on stdout: a non-finite number (which JSON cannot hold) is written as null."""
+    sys.stdout.write(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 @app.command()
@@ -360,7 +391,7 @@ def predict(
         result = api.predict(images or [], task, top_k, _path(backbone_weights), batch_size, device.value, workers, amp,
                              _reporter(quiet or output_format is not OutputFormat.table), tasks_from=tasks_from)
         for file, reason in result.failures:
-            err.print(f"[yellow]skipped[/] {file}: {reason}", highlight=False)
+            err.print(f"[yellow]skipped[/] {safe(file)}: {safe(reason)}", highlight=False)
         several = len(result.tasks) > 1
         if output_format is OutputFormat.json:
             _print_json(result.to_dict())
@@ -369,7 +400,8 @@ def predict(
             writer.writerow(["file", *(["task"] if several else []), "rank", "class", "prob"])
             for prediction in result.predictions:
                 for rank, (name, prob) in enumerate(prediction.top, 1):
-                    writer.writerow([prediction.file, *([prediction.task] if several else []), rank, name, f"{prob:.6f}"])
+                    writer.writerow([printable(prediction.file), *([prediction.task] if several else []), rank,
+                                     printable(name), f"{prob:.6f}"])
         else:
             from vpt_cli.render import render_predictions
 
@@ -406,7 +438,7 @@ def export(
             _print_json(payload)
             return
         diff = f"max |diff| {result.max_abs_diff:.2e}" if result.max_abs_diff is not None else "unchecked"
-        out.print(f"[green]exported[/] {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.format}; "
+        out.print(f"[green]exported[/] {safe(result.path)} ({result.size_bytes / 1e6:.1f} MB, {result.format}; "
                   f"{diff} vs eager, {result.checked_with})", highlight=False)
 
     _run(action)
@@ -417,18 +449,21 @@ def tasks(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None
     """List the named tasks on this machine ($VPT_HOME/tasks)."""
 
     def action() -> None:
-        from vpt_cli.artifact import list_tasks, tasks_dir
+        from vpt_cli.artifact import list_tasks
+        from vpt_cli.home import tasks_dir
 
-        found = list_tasks()
+        entries = list_tasks()
         if as_json:
-            _print_json([{"name": info.name, "path": str(path), "backbone": info.backbone, "method": info.prompt.get("method"),
-                          "prompts": info.prompt.get("num_prompts"), "classes": info.classes, "metrics": info.metrics,
-                          "size_bytes": path.stat().st_size, "created": info.provenance.get("created")}
-                         for path, info in found])
+            _print_json([{"name": entry.name, "path": str(entry.path), "size_bytes": entry.path.stat().st_size,
+                          **({"error": entry.error} if entry.info is None else {
+                              "backbone": entry.info.backbone, "method": entry.info.prompt.get("method"),
+                              "prompts": entry.info.prompt.get("num_prompts"), "classes": entry.info.classes,
+                              "metrics": entry.info.metrics, "created": entry.info.provenance.get("created")})}
+                         for entry in entries])
             return
         from vpt_cli.render import render_tasks
 
-        render_tasks(out, found, tasks_dir())
+        render_tasks(out, entries, tasks_dir())
 
     _run(action)
 

@@ -437,9 +437,10 @@ def auto_workers(num_items: int) -> int:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False
+    dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False,
+    persistent: bool = True,
 ) -> DataLoader:
-    """A DataLoader that skips bad images and shuffles reproducibly for `seed`."""
+    """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`)."""
     workers = auto_workers(len(dataset)) if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -450,7 +451,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_skip_bad,
         generator=generator,
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
     )

@@ -22,7 +22,7 @@ from vpt_cli.metrics import EvalReport, MetricAccumulator
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.probe import probe_init_head
 from vpt_cli.reporting import EpochStats, Reporter
-from vpt_cli.runtime import amp_dtype, autocast
+from vpt_cli.runtime import amp_dtype, autocast, rng_state, set_rng_state
 
 FULL_FINETUNE_LR = 2e-5
 
@@ -152,7 +152,7 @@ class TrainingRun:
     """
 
     def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
-                 config: TrainConfig, device: torch.device, reporter: Reporter, run_fingerprint: str = ""):
+                 config: TrainConfig, device: torch.device, reporter: Reporter, settings: dict[str, Any] | None = None):
         self.model, self.train_loader, self.val_loader = model.to(device), train_loader, val_loader
         self.classes, self.config, self.device, self.reporter = classes, config, device, reporter
         self.optimizer = build_optimizer(model, config)
@@ -161,8 +161,9 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype(device) == torch.float16)
         self.history: list[EpochStats] = []
+        self.settings = settings or {}
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_key": None, "since_best": 0,
-                                      "history": [], "probe_val_acc": None, "run": run_fingerprint}
+                                      "history": [], "probe_val_acc": None}
         self.best_state = self._snapshot()
         tiny_val = val_loader is None or len(val_loader.dataset) < MIN_VAL_PER_CLASS_TO_SELECT * len(classes)
         self.select_last = config.select == "last" or (config.select == "auto" and tiny_val)
@@ -189,14 +190,16 @@ class TrainingRun:
             self.state["best_key"] = [start.top1, -(start.loss or 0.0)]
 
     def resume(self, checkpoint: Checkpoint) -> None:
-        """Continue from `checkpoint`, which must come from the same run settings."""
-        self.best_state, state = checkpoint.load(self.model, self.optimizer)
-        if state.get("run") != self.state["run"]:
-            raise TaskError("the checkpoint was made with other settings; rerun without --resume (and with --force)")
-        self.state = state
-        self.history = [EpochStats(**h) for h in state["history"]]
-        self.scheduler.last_epoch = state["epoch"] * max(1, len(self.train_loader))
-        self.reporter.log(f"resuming after epoch {state['epoch']}")
+        """Continue from `checkpoint` exactly where its epoch ended; it must have the same settings."""
+        check_same_settings(checkpoint.settings(), self.settings)
+        self.best_state, self.state, rng = checkpoint.load(model=self.model, optimizer=self.optimizer,
+                                                           scheduler=self.scheduler)
+        self.history = [EpochStats(**h) for h in self.state["history"]]
+        set_rng_state(rng)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None and "loader" in rng:
+            generator.set_state(rng["loader"])
+        self.reporter.log(f"resuming after epoch {self.state['epoch']}")
 
     @property
     def epoch(self) -> int:
@@ -237,7 +240,13 @@ class TrainingRun:
         return stats
 
     def save(self, checkpoint: Checkpoint) -> None:
-        checkpoint.save(self.model, self.best_state, self.optimizer, self.state)
+        """Checkpoint the end of the current epoch, with every generator the next one draws from."""
+        rng = rng_state()
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            rng["loader"] = generator.get_state()
+        checkpoint.save(model=self.model, best_state=self.best_state, optimizer=self.optimizer,
+                        scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
 
     def finish(self, stopped_early: bool) -> FitResult:
         """Load the best weights into the model and score them on val once more."""
@@ -254,29 +263,42 @@ class TrainingRun:
                          "last" if self.select_last else "best")
 
 
+def check_same_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A checkpoint resumes only under the settings it was made with; name what changed."""
+    keys = sorted(set(saved) | set(current))
+    changed = [key for key in keys if saved.get(key) != current.get(key)]
+    if changed:
+        shown = ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
+        raise TaskError(f"the checkpoint was made with other settings ({shown}); resume with the same settings, "
+                        "or start again without --resume (and with --force)")
+
+
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
         config: TrainConfig, device: torch.device, checkpoint: Checkpoint, reporter: Reporter,
-        resume: bool = False, run_fingerprint: str = "") -> FitResult:
+        resume: bool = False, settings: dict[str, Any] | None = None) -> FitResult:
     """Train with best-on-val selection, early stopping and a checkpoint after every epoch.
 
-    Ctrl-C saves the current state and raises TrainingInterrupted; `resume=True` continues from
-    the checkpoint (which must come from the same run settings, `run_fingerprint`).
+    Ctrl-C (or SIGTERM) raises TrainingInterrupted; the checkpoint of the last finished epoch is
+    what `resume=True` continues from, and a resumed run equals the uninterrupted one. The
+    checkpoint must come from the same `settings`.
     """
-    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, run_fingerprint)
-    if resume:
-        run.resume(checkpoint)
-    else:
-        run.start(probe_loader)
-    while not run.should_stop:
-        try:
+    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings)
+    try:
+        if resume:
+            run.resume(checkpoint)
+        else:
+            run.start(probe_loader)
+        while not run.should_stop:
             run.run_epoch()
-        except KeyboardInterrupt:
-            reporter.finish()  # take down the half-drawn progress bar before the error line
             run.save(checkpoint)
-            raise TrainingInterrupted(
-                f"interrupted in epoch {run.epoch + 1}; state saved to {checkpoint.path}, continue with --resume"
-            ) from None
-        run.save(checkpoint)
+    except KeyboardInterrupt as exc:
+        reporter.finish()  # take down the half-drawn progress bar before the error line
+        code = getattr(exc, "exit_code", TrainingInterrupted.exit_code)
+        if run.epoch == 0:
+            raise TrainingInterrupted("interrupted before the first epoch finished: nothing to resume; "
+                                      "run the same command again", exit_code=code) from None
+        raise TrainingInterrupted(f"interrupted in epoch {run.epoch + 1}; epoch {run.epoch} is saved in "
+                                  f"{checkpoint.path}, continue with --resume", exit_code=code) from None
     stopped_early = run.epoch < config.epochs
     if stopped_early:
         reporter.log(f"early stop: no val improvement for {config.patience} epochs")

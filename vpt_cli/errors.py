@@ -48,9 +48,19 @@ class PredictError(VPTError):
 
 
 class TrainingInterrupted(VPTError):
-    """Ctrl-C during training: a resumable checkpoint was saved."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) during training; the message says what can be resumed."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was so that training stops as on Ctrl-C (exit 143)."""
+
+    exit_code = 143
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

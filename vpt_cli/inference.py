@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from vpt_cli.artifact import Task, load_task, resolve_task_path
+from vpt_cli.artifact import Task, load_task
+from vpt_cli.home import resolve_task_path
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig
 from vpt_cli.errors import TaskError

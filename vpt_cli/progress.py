@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vpt_cli.reporting import EpochStats, Reporter
+from vpt_cli.safetext import safe
 
 
 class RichReporter(Reporter):
@@ -47,4 +48,4 @@ class RichReporter(Reporter):
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[dim]{message}[/]", highlight=False)
+            self.console.print(f"[dim]{safe(message)}[/]", highlight=False)

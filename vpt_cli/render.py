@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vpt_cli.artifact import TaskInfo
+from vpt_cli.artifact import TaskEntry
 from vpt_cli.reporting import SweepReporter
+from vpt_cli.safetext import safe
 
 if TYPE_CHECKING:  # result types only: `vpt tasks` renders without importing torch
     from vpt_cli.api import EvalResult, PredictResult
@@ -27,16 +28,16 @@ def render_train(console: Console, result: TrainResult) -> None:
     kept = (f"{result.selection} epoch {result.best_epoch}" + (", stopped early" if result.stopped_early else "")
             if result.history else "no epochs: linear probe")
     lines = [
-        f"[green]saved[/] task [bold]{result.task_name}[/] -> {result.task_path}",
-        f"  classes        {len(result.classes)} ({', '.join(result.classes[:8])}{', ...' if len(result.classes) > 8 else ''})",
+        f"[green]saved[/] task [bold]{safe(result.task_name)}[/] -> {safe(result.task_path)}",
+        f"  classes        {len(result.classes)} ({safe(', '.join(result.classes[:8]))}{', ...' if len(result.classes) > 8 else ''})",
         f"  images         {result.num_train} train, {result.num_val} val"
-        + (f", {len(result.skipped)} skipped (see {result.run_dir / 'skipped.txt'})" if result.skipped else ""),
+        + (f", {len(result.skipped)} skipped (see {safe(result.run_dir / 'skipped.txt')})" if result.skipped else ""),
         f"  val top-1      {_pct(report.top1 if report else None)} ({kept})",
         f"  linear probe   {_pct(result.probe_val_acc)} val top-1 before prompt training",
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",
         f"  speed          {result.train_images_per_sec:.1f} train img/s, {result.seconds:.0f}s in all",
-        f"  run folder     {result.run_dir} (config.yaml, history.png, last.safetensors)",
+        f"  run folder     {safe(result.run_dir)} (config.yaml, history.png, last.safetensors)",
     ]
     for line in lines:
         console.print(line, highlight=False)
@@ -44,35 +45,35 @@ def render_train(console: Console, result: TrainResult) -> None:
 
 def render_eval(console: Console, result: EvalResult) -> None:
     report = result.report
-    table = Table(title=f"{result.task_name}: per-class metrics", title_justify="left")
+    table = Table(title=f"{safe(result.task_name)}: per-class metrics", title_justify="left")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for row in report.per_class:
-        table.add_row(row.name, f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}", str(row.support))
+        table.add_row(safe(row.name), f"{row.precision:.3f}", f"{row.recall:.3f}", f"{row.f1:.3f}", str(row.support))
     console.print(table)
     console.print(
         f"top-1 {_pct(report.top1)}  top-5 {_pct(report.top5)}  balanced acc {_pct(report.balanced_accuracy)}  "
         f"macro F1 {report.macro_f1:.3f}  on {report.num_samples} images", highlight=False)
     if result.unknown_classes:
-        console.print(f"[yellow]not evaluated[/]: folders unknown to the task: {', '.join(result.unknown_classes)}",
+        console.print(f"[yellow]not evaluated[/]: folders unknown to the task: {safe(', '.join(result.unknown_classes))}",
                       highlight=False)
     if result.skipped:
         console.print(f"[yellow]skipped[/] {len(result.skipped)} unreadable files", highlight=False)
-    console.print(f"confusion matrix: {result.confusion_csv}  {result.confusion_png}", highlight=False)
+    console.print(f"confusion matrix: {safe(result.confusion_csv)}  {safe(result.confusion_png)}", highlight=False)
 
 
 def render_predictions(console: Console, result: PredictResult) -> None:
     several = len(result.tasks) > 1
     k = max((len(p.top) for p in result.predictions), default=1)
-    table = Table(title=f"{', '.join(result.tasks)}: predictions", title_justify="left")
+    table = Table(title=f"{safe(', '.join(result.tasks))}: predictions", title_justify="left")
     table.add_column("image")
     if several:
         table.add_column("task")
     for rank in range(1, k + 1):
         table.add_column(f"#{rank}")
     for prediction in result.predictions:
-        table.add_row(prediction.file, *([prediction.task] if several else []),
-                      *[f"{name} [dim]{prob:.2f}[/]" for name, prob in prediction.top])
+        table.add_row(safe(prediction.file), *([safe(prediction.task)] if several else []),
+                      *[f"{safe(name)} [dim]{prob:.2f}[/]" for name, prob in prediction.top])
     console.print(table)
 
 
@@ -110,7 +111,7 @@ class LiveSweepTable(SweepReporter):
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[dim]{message}[/]", highlight=False)
+            self.console.print(f"[dim]{safe(message)}[/]", highlight=False)
 
 
 def render_sweep(console: Console, result: SweepResult) -> None:
@@ -119,20 +120,25 @@ def render_sweep(console: Console, result: SweepResult) -> None:
         f"best: trial {best.index} (prompts {best.num_prompts}, lr {best.lr:g}, weight decay {best.weight_decay:g}) "
         f"val top-1 {_pct(best.val_top1)} after {best.epochs_run} epochs; rungs {result.plan.rungs}, "
         f"eta {result.plan.eta}, budget {result.plan.budget_text}, {result.seconds:.0f}s in all", highlight=False)
-    console.print(f"all trials: {result.csv_path}", highlight=False)
+    console.print(f"all trials: {safe(result.csv_path)}", highlight=False)
     render_train(console, result.train)
 
 
-def render_tasks(console: Console, found: list[tuple[Path, TaskInfo]], registry: Path) -> None:
-    if not found:
-        console.print(f"no tasks yet in {registry} (train one with [bold]vpt train DATA --task NAME[/])")
+def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> None:
+    if not entries:
+        console.print(f"no tasks yet in {safe(registry)} (train one with [bold]vpt train DATA --task NAME[/])")
         return
-    table = Table(title=f"tasks in {registry}", title_justify="left")
+    table = Table(title=f"tasks in {safe(registry)}", title_justify="left")
     for column in ("name", "backbone", "method", "classes", "val top-1", "size", "created"):
         table.add_column(column)
-    for path, info in found:
+    for entry in entries:
+        size = f"{entry.path.stat().st_size / 1e3:.0f} KB"
+        info = entry.info
+        if info is None:
+            table.add_row(safe(entry.name), f"[red]unusable: {safe(entry.error)}[/]", "-", "-", "-", size, "-")
+            continue
         top1 = info.metrics.get("val_top1")
-        table.add_row(info.name, info.backbone, f"{info.prompt.get('method')} ({info.prompt.get('num_prompts')})",
-                      str(len(info.classes)), f"{top1:.3f}" if top1 is not None else "-",
-                      f"{path.stat().st_size / 1e3:.0f} KB", str(info.provenance.get("created", "-")))
+        table.add_row(safe(entry.name), safe(info.backbone), f"{info.prompt.get('method')} ({info.prompt.get('num_prompts')})",
+                      str(len(info.classes)), f"{top1:.3f}" if top1 is not None else "-", size,
+                      safe(info.provenance.get("created", "-")))
     console.print(table)

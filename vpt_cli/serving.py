@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vpt_cli.artifact import TaskInfo, load_task, resolve_task_path
+from vpt_cli.artifact import TaskInfo, load_task
+from vpt_cli.home import resolve_task_path
 from vpt_cli.backbones import Backbone
 from vpt_cli.data import build_transform
 from vpt_cli.errors import TaskError, UsageError

@@ -28,7 +28,7 @@ from vpt_cli.fileio import atomic_write
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.reporting import Reporter, SweepReporter
 from vpt_cli.runtime import seed_everything
-from vpt_cli.training import TrainResult, prepare_run, save_trained
+from vpt_cli.training import ClaimedTask, TrainResult, claim_task, prepare_run, save_trained
 
 CSV_FIELDS = ("index", "num_prompts", "lr", "weight_decay", "status", "epochs_run", "best_epoch", "val_top1",
               "val_loss", "seconds")
@@ -152,9 +152,15 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
         raise UsageError(f"vpt sweep tunes prompt training; --method {config.prompt.method} has nothing to sweep "
                          "(linear picks its own L2 strength on val)")
     started = time.perf_counter()
+    with claim_task(config, task, force=force) as claimed:
+        return _run_claimed(config, plan, claimed, reporter, started)
+
+
+def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, reporter: SweepReporter,
+                 started: float) -> SweepResult:
     deadline = started + plan.max_seconds if plan.max_seconds else math.inf
     quiet = Reporter()
-    prepared = prepare_run(config, task, force, quiet)
+    prepared = prepare_run(config, claimed, quiet)
     if prepared.val_loader is None:
         raise UsageError("vpt sweep needs a validation split: add a val/ folder or use --val-split > 0")
     for trial in plan.trials:  # an 'auto' length is the count prepare_run resolved for this backbone

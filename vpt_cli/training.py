@@ -9,21 +9,24 @@ from __future__ import annotations
 import json
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import timm
 import torch
 
 from vpt_cli import __version__
-from vpt_cli.artifact import Task, TaskInfo, resolve_task_path, runs_dir, save_task, task_name_from
+from vpt_cli.artifact import Task, TaskInfo, save_task
+from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import RunConfig
 from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, validate_samples
-from vpt_cli.engine import FitResult
+from vpt_cli.engine import FitResult, check_same_settings
 from vpt_cli.errors import DataError, TaskError
+from vpt_cli.home import remove_orphan_temp_files, resolve_task_path, runs_dir, slugify, task_lock, task_name_from
 from vpt_cli.fileio import write_text
 from vpt_cli.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
@@ -90,17 +93,52 @@ class PreparedRun:
     val_loader: Any | None
 
 
-def prepare_run(config: RunConfig, task: str | None, replace: bool, reporter: Reporter) -> PreparedRun:
-    """Validate `config`, scan and check the data, load the backbone and build the loaders.
+@dataclass
+class ClaimedTask:
+    """The task a run will write, locked for the run: where it goes and what it is called."""
 
-    Refuses an existing task unless `replace`, before any expensive work.
-    """
+    path: Path
+    name: str
+    run_dir: Path
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.run_dir / "last.safetensors")
+
+
+@contextmanager
+def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = False) -> Iterator[ClaimedTask]:
+    """Resolve the task name (default: the data folder's name, slugified), take its lock, and
+    refuse what would lose work, all before any data or weights are read: an existing task
+    without `force` (also on `resume`: a finished task is not resumed), or a checkpoint made with
+    other settings. Temp files a killed writer left behind are removed under the lock."""
     config.validate()
+    path = resolve_task_path(task or slugify(Path(config.data.path).resolve().name))
+    name = task_name_from(path)
+    claimed = ClaimedTask(path=path, name=name, run_dir=runs_dir(name))
+    with task_lock(path):
+        if path.exists() and not force:
+            hint = "it is finished, so there is nothing to resume; " if resume else ""
+            raise TaskError(f"task '{name}' already exists at {path}; {hint}pass --force to train it again")
+        if resume:
+            check_same_settings(claimed.checkpoint.settings(), run_settings(config))
+        remove_orphan_temp_files(path)
+        for written in ("last.safetensors", "config.yaml", "skipped.txt", "history.json", "history.png"):
+            remove_orphan_temp_files(claimed.run_dir / written)
+        yield claimed
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with: the whole config as dotted keys, less the
+    options that change where and how fast it runs, not what it computes."""
+    flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+    return {key: value for key, value in flat.items() if key not in ("train.device", "data.workers")}
+
+
+def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> PreparedRun:
+    """Scan and check the data, load the backbone and build the loaders for a claimed task."""
     data_root = Path(config.data.path)
-    task_path = resolve_task_path(task or data_root.resolve().name)
-    name = task_name_from(task_path)
-    if task_path.exists() and not replace:
-        raise TaskError(f"task '{name}' already exists at {task_path}; pass --force to overwrite it")
+    task_path, name = task.path, task.name
     seed_everything(config.train.seed)
     splits = discover_splits(data_root, config.data.val_split, config.train.seed)
     train_samples, bad_train = validate_samples(splits.train)
@@ -110,18 +148,21 @@ def prepare_run(config: RunConfig, task: str | None, replace: bool, reporter: Re
         raise DataError(f"no readable training images in {data_root}")
     backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
-    run_dir = runs_dir(name)
+    run_dir = task.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", config.to_yaml())
-    write_text(run_dir / "skipped.txt", "".join(f"{f}\t{r}\n" for f, r in skipped))
+    write_skipped(run_dir, skipped)
     if skipped:
         reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
 
     workers = config.data.workers
     batch = config.train.batch_size
     eval_transform = build_transform(backbone.data_config, train=False)
+    # Fresh loader workers each epoch (not persistent): they are seeded from the loader's generator,
+    # which the checkpoint saves, so a resumed run augments exactly as the uninterrupted one.
     train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment)),
-                               batch, shuffle=True, workers=workers, seed=config.train.seed, drop_last=len(train_samples) > batch)
+                               batch, shuffle=True, workers=workers, seed=config.train.seed,
+                               drop_last=len(train_samples) > batch, persistent=False)
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
     val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
     return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), len(val_samples),
@@ -133,6 +174,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
     """Write the task file (its metadata says what it stores and how it was made) and the run's
     history; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
     report, history = result.best_report, result.history
+    skipped = run.skipped + [item for item in failures_while_loading(run) if item not in run.skipped]
     info = TaskInfo(
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
         img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
@@ -140,7 +182,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
         metrics=_summary(report),
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
-            "num_val": run.num_val, "skipped": len(run.skipped), "seed": config.train.seed,
+            "num_val": run.num_val, "skipped": len(skipped), "seed": config.train.seed,
             "stores": STORED_TENSORS[config.prompt.method],
             "best_epoch": result.best_epoch, "selection": result.selection, "epochs_run": len(history), "config": config.to_dict(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,6 +194,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
     saved = Task(info=info, tensors=model.task_state_dict())
     save_task(saved, run.task_path, force=True)  # prepare_run already refused an unwanted overwrite
     write_text(run.run_dir / "history.json", json.dumps([asdict(h) for h in history], indent=1))
+    write_skipped(run.run_dir, skipped)
     if history:
         render_history_png([asdict(h) for h in history], run.run_dir / "history.png")
     trainable = sum(p.numel() for group in model.parameter_groups().values() for p in group)
@@ -159,11 +202,22 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
         task_path=run.task_path, task_name=run.name, classes=run.classes, val_report=report, history=history,
         best_epoch=result.best_epoch, selection=result.selection, stopped_early=result.stopped_early,
         train_images_per_sec=result.train_images_per_sec, probe_val_acc=result.probe_val_acc,
-        num_train=run.num_train, num_val=run.num_val, skipped=run.skipped, trainable_params=trainable,
+        num_train=run.num_train, num_val=run.num_val, skipped=skipped, trainable_params=trainable,
         task_bytes=saved.size_bytes,
         backbone_bytes=sum(t.numel() * t.element_size() for t in run.backbone.model.state_dict().values()),
         run_dir=run.run_dir, seconds=time.perf_counter() - started,
     )
+
+
+def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
+    write_text(run_dir / "skipped.txt", "".join(f"{file}\t{reason}\n" for file, reason in skipped))
+
+
+def failures_while_loading(run: PreparedRun) -> list[tuple[str, str]]:
+    """Images that passed the header check up front but failed to decode during training."""
+    loaders = (run.train_loader, run.probe_loader, run.val_loader)
+    found = [(str(path), reason) for loader in loaders if loader is not None for path, reason in loader.dataset.failures]
+    return list(dict.fromkeys(found))
 
 
 def _summary(report: EvalReport | None) -> dict[str, Any]:
