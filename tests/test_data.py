@@ -470,3 +470,13 @@ def test_sample_data_script_reproduces_the_bundled_pixels(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png")) == bundled
     for rel in bundled:
         assert Image.open(tmp_path / rel).tobytes() == Image.open(SAMPLE_DATA / rel).tobytes()
+
+
+def test_a_symlink_back_to_the_data_root_is_not_a_class(tmp_path):
+    for name in ("cat", "dog"):
+        write_image(tmp_path / "data" / name / "1.png")
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "data" / "cat" / "up").symlink_to(tmp_path, target_is_directory=True)
+    splits = discover_splits(tmp_path / "data", val_split=0.0)
+    assert splits.classes == ["cat", "dog"]
+    assert sorted(s.path.name for s in splits.train) == ["1.png", "1.png"]

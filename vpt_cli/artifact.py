@@ -37,7 +37,7 @@ _MAX_IMG_SIZE = 2048
 _MAX_CLASSES = 100_000
 _MAX_CLASS_NAME = 200
 _MAX_PROMPTS = 1024
-_MAX_PARAMS = 1.2e9  # ~ViT-g: a task file cannot make us build a bigger backbone than that
+_MAX_PARAMS = 3.5e8  # ~ViT-L: backbone_kwargs in a task file cannot make us build a bigger model
 _BACKBONE_NAME = re.compile(r"^[a-z0-9_]{1,100}(\.[A-Za-z0-9_-]{1,60})?$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
@@ -216,8 +216,8 @@ def _check_info(raw: Any) -> TaskInfo:
     _require(isinstance(raw, dict), "metadata is not a JSON object")
     version = raw.get("format_version", 0)
     _require(_is_int(version), "format_version must be an integer")
-    if version > FORMAT_VERSION:
-        raise TaskError(f"task format {version} is newer than this vpt-cli reads ({FORMAT_VERSION}); please upgrade")
+    _require(version <= FORMAT_VERSION,
+             f"it uses task format {version}, newer than this vpt-cli reads ({FORMAT_VERSION}); please upgrade")
     known = {f.name for f in TaskInfo.__dataclass_fields__.values()}
     missing = [name for name in ("name", "backbone", "backbone_fingerprint", "img_size", "data_config", "prompt",
                                  "classes") if name not in raw]

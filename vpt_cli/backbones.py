@@ -187,7 +187,14 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         except Exception as exc:
             raise BackboneError(f"weights in {path} do not fit this model: {one_line(exc)}") from None
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = model.load_state_dict(state, strict=False)
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if broken is not None:
+        raise BackboneError(f"weights in {path} hold NaN or infinite values ({broken})")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape; torch lists every one, the last line says it
+        lines = str(exc).strip().splitlines() or ["shape mismatch"]
+        raise BackboneError(f"weights in {path} do not fit the chosen --backbone: {lines[-1].strip()[:200]}") from None
     if result.missing_keys or result.unexpected_keys:
         raise BackboneError(
             f"weights in {path} do not fit the chosen --backbone: "

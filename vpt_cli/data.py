@@ -8,6 +8,7 @@ bad images are skipped and reported instead, so one corrupt file never stops a r
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import os
 import random
@@ -34,6 +35,11 @@ VAL_SPLIT_NAMES = ("val", "valid", "validation", "test")  # priority order
 _JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 _DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 _AUTO_WORKERS_MIN_ITEMS = 64
+MAX_GLOB_ENTRIES = 1_000_000
+# Larger or thinner images are skipped (counted in training, one line in predict): a 1 x 20000
+# strip resized so its short side fits the model would take gigabytes.
+MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS)
+MAX_ASPECT_RATIO = 40.0
 
 
 @dataclass
@@ -93,9 +99,19 @@ def _existing_dir(root: str | Path) -> Path:
 
 
 def _children(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Visible (sub-folders, files) of `folder`, sorted by name."""
+    """Visible (sub-folders, files) of `folder`, sorted by name. A symlinked folder that points
+    back at `folder` or above it (a loop, not a class) counts as neither."""
     entries = sorted(p for p in folder.iterdir() if not _is_hidden(p))
-    return [p for p in entries if p.is_dir()], [p for p in entries if not p.is_dir()]
+    return ([p for p in entries if p.is_dir() and not _loops_back(p, folder)],
+            [p for p in entries if not p.is_dir()])
+
+
+def _loops_back(link: Path, folder: Path) -> bool:
+    """Whether `link`, a child of `folder`, is a symlink to `folder` itself or one of its ancestors."""
+    if not link.is_symlink():
+        return False
+    target, here = link.resolve(), folder.resolve()
+    return here == target or target in here.parents
 
 
 def _walk_files(folder: Path) -> list[Path]:
@@ -267,8 +283,8 @@ def _expand_arg(arg: str) -> tuple[list[Path], str]:
     if not any(c in arg for c in "*?["):
         return [], "no such file or folder"
     images: list[Path] = []
-    for match in map(Path, sorted(glob.glob(str(path), recursive=True))):
-        if match.is_dir():
+    for match in _glob(str(path)):
+        if match.is_dir() and not match.is_symlink():  # a symlinked folder may loop back
             images += _images_in(match)[0]
         elif _is_image(match) and not _is_hidden(match):
             images.append(match)
@@ -303,6 +319,45 @@ def read_task_requests(path: Path) -> tuple[list[Path], list[list[str]], list[tu
     return list(by_file), list(by_file.values()), failures
 
 
+def _glob(pattern: str) -> list[Path]:
+    """Paths matching a glob pattern (`*`, `?`, `[...]`, and `**` for any number of folders), in
+    sorted order. Symlinked folders are not descended into, so a symlink loop cannot make the
+    walk endless, and the walk stops with a UsageError after MAX_GLOB_ENTRIES entries."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root, wanted = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    if not wanted:
+        return [root] if root.exists() else []
+    if not root.is_dir():
+        return []
+    recursive = "**" in wanted
+    matches, seen = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        depth = len(here.relative_to(root).parts)
+        names = dirnames + filenames
+        if not recursive and depth + 1 >= len(wanted):
+            dirnames[:] = []  # deeper entries cannot match a pattern without '**'
+        for name in names:
+            seen += 1
+            if seen > MAX_GLOB_ENTRIES:
+                raise UsageError(f"the pattern {pattern!r} walks more than {MAX_GLOB_ENTRIES:,} entries; narrow it")
+            relative = here.relative_to(root).parts + (name,)
+            if _matches(relative, wanted):
+                matches.append(here / name)
+    return sorted(matches)
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether path components `parts` match glob components `pattern` ('**' spans folders)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return _matches(parts, pattern[1:]) or (bool(parts) and _matches(parts[1:], pattern))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
 # --- decoding --------------------------------------------------------------------------------
 
 
@@ -316,6 +371,8 @@ def _pil_errors(path: Path) -> Iterator[None]:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             yield
+        except ImageLoadError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageLoadError(path, f"too large, refused as a decompression bomb: {exc}") from None
         except FileNotFoundError:
@@ -332,8 +389,19 @@ def load_image(path: Path) -> Image.Image:
     """Decode `path` as an upright RGB image (EXIF orientation applied, alpha on white)."""
     path = Path(path)
     with _pil_errors(path), Image.open(path) as image:
+        _check_dimensions(path, image)
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _check_dimensions(path: Path, image: Image.Image) -> None:
+    """Refuse, from the header alone, an image too large to decode or too thin to resize."""
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(path, f"{width}x{height} pixels is too large (at most {MAX_IMAGE_PIXELS:,})")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageLoadError(path, f"{width}x{height} pixels is too thin to resize (aspect ratio over "
+                                   f"{MAX_ASPECT_RATIO:g}:1)")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -368,6 +436,7 @@ def validate_samples(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Pa
     for sample in samples:
         try:
             with _pil_errors(sample.path), Image.open(sample.path) as image:
+                _check_dimensions(sample.path, image)
                 image.verify()
             good.append(sample)
         except ImageLoadError as exc:

@@ -113,7 +113,7 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
     without `force` (also on `resume`: a finished task is not resumed), or a checkpoint made with
     other settings. Temp files a killed writer left behind are removed under the lock."""
     config.validate()
-    path = resolve_task_path(task or slugify(Path(config.data.path).resolve().name))
+    path = resolve_task_path(task if task is not None else slugify(Path(config.data.path).resolve().name))
     name = task_name_from(path)
     claimed = ClaimedTask(path=path, name=name, run_dir=runs_dir(name))
     with task_lock(path):
