@@ -225,3 +225,22 @@ def test_cli_exports_a_bundle_that_answers_like_each_task(registry, tmp_path):
         with torch.inference_mode():
             expected = single.model(images[row : row + 1])[0]
         torch.testing.assert_close(torch.from_numpy(logits[row, : len(expected)]), expected, atol=1e-4, rtol=0)
+
+
+def test_exports_carry_classes_and_preprocessing_and_default_to_the_task_name(registry, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", "--task", "deep3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["path"] == "deep3.onnx" and (tmp_path / "deep3.onnx").is_file()
+    meta = ort.InferenceSession("deep3.onnx", providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == ["deep30", "deep31"] and json.loads(meta["vpt_tasks"]) == ["deep3"]
+    assert meta["image_size"] == "32" and json.loads(meta["mean"]) == [0.5, 0.5, 0.5]
+
+    result = runner.invoke(app, ["export", "--task", "deep3", "--task", "shallow5", "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    extra = {"classes.txt": "", "vpt_tasks.txt": "", "interpolation.txt": ""}
+    torch.jit.load(str(tmp_path / "deep3_shallow5.pt"), _extra_files=extra)
+    assert json.loads(extra["vpt_tasks.txt"]) == ["deep3", "shallow5"]  # values come back as bytes
+    assert [len(c) for c in json.loads(extra["classes.txt"])] == [2, 3] and extra["interpolation.txt"] == b"bicubic"

@@ -5,6 +5,7 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,15 +185,38 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
     return PredictResult(server.names, predictions, failures, read / max(elapsed, 1e-9), read)
 
 
-def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path,
+def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | None = None,
            backbone_weights: str | None = None) -> Any:
     """Write one task (backbone + prompts + head) or a multi-task bundle as one ONNX / TorchScript
-    file, checked against eager. Several tasks share the backbone once and take a `task_index` input."""
+    file, checked against eager. Several tasks share the backbone once and take a `task_index`
+    input. The file carries the class names, preprocessing and task names as metadata; `output`
+    defaults to `<task>.onnx` / `<task>.pt` in the current folder (`<a>_<b>` for a bundle)."""
     from vpt_cli.export import export_model  # late: the exporters load only when asked for
 
     names = tasks if isinstance(tasks, list) else [tasks]
     if len(names) == 1:
         loaded = load_for_inference(names[0], backbone_weights, device="cpu")
-        return export_model(loaded.model, loaded.backbone.img_size, fmt, Path(output))
-    server = load_tasks(names, backbone_weights, device="cpu")
-    return export_model(server.model, server.backbone.img_size, fmt, Path(output))
+        model, backbone, infos = loaded.model, loaded.backbone, [loaded.task.info]
+    else:
+        server = load_tasks(names, backbone_weights, device="cpu")
+        model, backbone, infos = server.model, server.backbone, server.infos
+    typed = [task_name_from(name) for name in names]
+    target = Path(output) if output else Path(f"{'_'.join(typed)}.{'onnx' if fmt == 'onnx' else 'pt'}")
+    return export_model(model, backbone.img_size, fmt, target, metadata=export_metadata(typed, infos, backbone))
+
+
+def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[str, str]:
+    """What a user of the exported file needs without vpt-cli: task names and classes (in
+    `task_index` order for a bundle) and the preprocessing (size, mean, std, interpolation, crop)."""
+    config = backbone.data_config
+    return {
+        "vpt_tasks": json.dumps(names),
+        "classes": json.dumps(infos[0].classes if len(infos) == 1 else [info.classes for info in infos]),
+        "image_size": str(backbone.img_size),
+        "mean": json.dumps(list(config["mean"])),
+        "std": json.dumps(list(config["std"])),
+        "interpolation": str(config.get("interpolation", "bicubic")),
+        "crop_pct": str(config.get("crop_pct", 1.0)),
+        "backbone": backbone.name,
+        "input": "images: float32 (batch, 3, image_size, image_size), RGB in [0, 1] normalised by mean/std",
+    }

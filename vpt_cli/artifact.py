@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from vpt_cli.config import METHODS, PROMPT_INITS, PromptConfig
 from vpt_cli.errors import TaskError, one_line
 from vpt_cli.fileio import write_bytes
-from vpt_cli.home import NAME_PATTERN, TASK_SUFFIX, tasks_dir
+from vpt_cli.home import NAME_PATTERN, TASK_SUFFIX, check_task_name, task_lock, tasks_dir
 
 if TYPE_CHECKING:
     import torch
@@ -181,6 +181,44 @@ def list_tasks() -> list[TaskEntry]:
         except TaskError as exc:
             entries.append(TaskEntry(path, None, str(exc).removeprefix(f"{path} ")))
     return entries
+
+
+def import_task(source: Path, name: str | None = None, force: bool = False) -> Path:
+    """Copy a task file into the registry under `name` (default: the file's stem), after checking
+    all of it (metadata and tensors) like any load; the copy is written atomically."""
+    source = Path(source)
+    load_task(source)  # refuses anything a load would refuse, before the registry sees it
+    target = tasks_dir() / f"{check_task_name(name if name is not None else source.name.removesuffix(TASK_SUFFIX))}{TASK_SUFFIX}"
+    with task_lock(target):
+        if target.exists() and not force:
+            raise TaskError(f"task '{target.stem}' already exists; pass --force to replace it")
+        write_bytes(target, source.read_bytes())
+    return target
+
+
+def remove_task(name: str) -> Path:
+    """Delete a registry task (its run folder stays); a task being trained is not removed."""
+    path = _registry_task(name)
+    with task_lock(path):
+        path.unlink()
+    return path
+
+
+def rename_task(old: str, new: str, force: bool = False) -> Path:
+    """Rename a registry task; the name is the file name, so the metadata is left as it is."""
+    source, target = _registry_task(old), tasks_dir() / f"{check_task_name(new)}{TASK_SUFFIX}"
+    with task_lock(source), task_lock(target):
+        if target.exists() and not force:
+            raise TaskError(f"task '{new}' already exists; pass --force to replace it")
+        source.replace(target)
+    return target
+
+
+def _registry_task(name: str) -> Path:
+    path = tasks_dir() / f"{check_task_name(name)}{TASK_SUFFIX}"
+    if not path.is_file():
+        raise TaskError(f"no task '{name}' in {tasks_dir()} (see `vpt tasks`)")
+    return path
 
 
 # --- validation ----------------------------------------------------------------------------

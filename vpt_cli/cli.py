@@ -40,6 +40,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+_PIPE_WIDTH = 10_000
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -118,6 +119,8 @@ def _run(action: Callable[[], Any]) -> Any:
     SIGTERM is turned into `Terminated` (a KeyboardInterrupt) for the call, so training stops
     and says what it saved exactly as on Ctrl-C, then exits 143."""
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    for console in (out, err):  # piped or redirected: full lines, never wrapped or cut at 80 columns
+        console.width = None if console.is_terminal else _PIPE_WIDTH
     try:
         return action()
     except VPTError as exc:
@@ -417,7 +420,7 @@ def predict(
 def export(
     task: List[str] = typer.Option(..., "--task", "-t", help=TASK_HELP + " Repeat for a multi-task bundle (inputs images + task_index)."),
     output_format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", "-f", help="onnx (dynamic batch) or torchscript."),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. \\[default: <task>.onnx or <task>.pt in the current folder]"),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -444,9 +447,29 @@ def export(
     _run(action)
 
 
-@app.command()
-def tasks(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """List the named tasks on this machine ($VPT_HOME/tasks)."""
+tasks_app = typer.Typer(help="List and manage the task registry ($VPT_HOME/tasks). Without a subcommand: list.",
+                        no_args_is_help=False)
+app.add_typer(tasks_app, name="tasks")
+
+
+def _task_row(entry: Any) -> dict[str, Any]:
+    """One registry entry as JSON: the checked metadata's summary, or why the file is unusable."""
+    row = {"name": entry.name, "path": str(entry.path), "size_bytes": entry.path.stat().st_size}
+    if entry.info is None:
+        return {**row, "error": entry.error}
+    info = entry.info
+    return {**row, "method": info.prompt.get("method"), "prompts": info.prompt.get("num_prompts"),
+            "backbone": info.backbone, "img_size": info.img_size, "classes": info.classes,
+            "metrics": info.metrics, "created": info.provenance.get("created")}
+
+
+@tasks_app.callback(invoke_without_command=True)
+def tasks(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the tasks in the registry: name, method, backbone, image size, classes, val top-1, size, created.
+
+    Tasks answer together in one `vpt predict` only when backbone and image size match."""
+    if ctx.invoked_subcommand is not None:
+        return
 
     def action() -> None:
         from vpt_cli.artifact import list_tasks
@@ -454,16 +477,73 @@ def tasks(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None
 
         entries = list_tasks()
         if as_json:
-            _print_json([{"name": entry.name, "path": str(entry.path), "size_bytes": entry.path.stat().st_size,
-                          **({"error": entry.error} if entry.info is None else {
-                              "backbone": entry.info.backbone, "method": entry.info.prompt.get("method"),
-                              "prompts": entry.info.prompt.get("num_prompts"), "classes": entry.info.classes,
-                              "metrics": entry.info.metrics, "created": entry.info.provenance.get("created")})}
-                         for entry in entries])
+            _print_json([_task_row(entry) for entry in entries])
             return
         from vpt_cli.render import render_tasks
 
         render_tasks(out, entries, tasks_dir())
+
+    _run(action)
+
+
+@tasks_app.command("show")
+def tasks_show(name: Annotated[str, typer.Argument(help=TASK_HELP)], as_json: JsonOpt = False) -> None:
+    """Everything a task file says about itself: backbone, prompts, classes, metrics, provenance."""
+
+    def action() -> None:
+        from dataclasses import asdict
+
+        from vpt_cli.artifact import read_task_info
+        from vpt_cli.home import resolve_task_path
+
+        path = resolve_task_path(name)
+        info = read_task_info(path)
+        payload = {"path": str(path), "size_bytes": path.stat().st_size, **asdict(info)}
+        if as_json:
+            _print_json(payload)
+            return
+        from vpt_cli.render import render_task_info
+
+        render_task_info(out, path, info)
+
+    _run(action)
+
+
+@tasks_app.command("rm")
+def tasks_rm(name: Annotated[str, typer.Argument(help="Registry name of the task to delete.")]) -> None:
+    """Delete a task from the registry (its run folder is kept)."""
+
+    def action() -> None:
+        from vpt_cli.artifact import remove_task
+
+        err.print(f"removed {safe(remove_task(name))}", highlight=False)
+
+    _run(action)
+
+
+@tasks_app.command("mv")
+def tasks_mv(old: Annotated[str, typer.Argument(help="Current registry name.")],
+             new: Annotated[str, typer.Argument(help="New registry name.")], force: ForceOpt = False) -> None:
+    """Rename a task in the registry (the registry name is the file name)."""
+
+    def action() -> None:
+        from vpt_cli.artifact import rename_task
+
+        err.print(f"renamed {safe(old)} -> {safe(rename_task(old, new, force=force))}", highlight=False)
+
+    _run(action)
+
+
+@tasks_app.command("import")
+def tasks_import(file: Annotated[Path, typer.Argument(help="A .safetensors task file, e.g. one you were sent.")],
+                 name: Annotated[Optional[str], typer.Option("--name", "-n", help="Registry name. \\[default: the file's stem]")] = None,
+                 force: ForceOpt = False) -> None:
+    """Check a task file completely (metadata and tensors), then copy it into the registry."""
+
+    def action() -> None:
+        from vpt_cli.artifact import import_task
+
+        err.print(f"imported {safe(file)} -> {safe(import_task(file, name, force=force))}", highlight=False)
 
     _run(action)
 

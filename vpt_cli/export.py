@@ -61,6 +61,7 @@ def export_model(
     opset: int = 17,
     atol: float = 1e-4,
     batch_for_check: int = 3,
+    metadata: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export `model` as `fmt` to `output`, verified at batch sizes 1 and `batch_for_check`.
 
@@ -68,6 +69,10 @@ def export_model(
     replaced atomically, and only once the check passed; on any failure nothing is left behind.
     Raises ExportError for an unknown format, an exporter failure or logits further than `atol`
     from eager.
+
+    `metadata` (string keys and values: class names, preprocessing, task names) travels inside the
+    file: ONNX `metadata_props`, TorchScript extra files (`<key>.txt`), so the file can be used
+    without vpt-cli.
 
     A MultiTaskViT becomes a multi-task bundle: the backbone once plus every task's stacked
     prompts and heads, a second input `task_index` (int64, one per image), logits padded to the
@@ -93,9 +98,10 @@ def export_model(
         with atomic_target(output) as tmp:
             if fmt == "onnx":
                 _write_onnx(frozen, example, tmp, opset, names)
+                _add_onnx_metadata(tmp, metadata or {})
                 runner, checked_with = _onnx_runner(tmp)
             else:
-                _write_torchscript(frozen, example, tmp)
+                _write_torchscript(frozen, example, tmp, metadata or {})
                 runner, checked_with = _torchscript_runner(tmp), "torch.jit"
             max_diff = None if runner is None else _max_abs_diff(runner, batches, atol, fmt)
     except OSError as exc:
@@ -189,12 +195,28 @@ def _onnx_runner(path: Path) -> tuple[Runner | None, str]:
     return run, f"onnxruntime {onnxruntime.__version__}"
 
 
-def _write_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+def _add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Write `metadata` into the model's `metadata_props` (what onnxruntime's modelmeta shows)."""
+    if not metadata:
+        return
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("writing ONNX metadata needs the onnx package: pip install 'vpt-cli[onnx]'") from None
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def _write_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+                       metadata: dict[str, str]) -> None:
     try:
         with _quiet(), torch.no_grad():
             # check_trace would re-run and compare with its own tolerance; our check follows.
             traced = torch.jit.trace(model, example, check_trace=False)
-            torch.jit.save(traced, str(path))
+            torch.jit.save(traced, str(path), _extra_files={f"{key}.txt": value for key, value in metadata.items()})
     except Exception as exc:
         raise ExportError(f"TorchScript export failed: {one_line(exc, 300)}") from None
 

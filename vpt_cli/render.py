@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vpt_cli.artifact import TaskEntry
+from vpt_cli.artifact import TaskEntry, TaskInfo
 from vpt_cli.reporting import SweepReporter
 from vpt_cli.safetext import safe
 
@@ -129,16 +129,31 @@ def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> 
         console.print(f"no tasks yet in {safe(registry)} (train one with [bold]vpt train DATA --task NAME[/])")
         return
     table = Table(title=f"tasks in {safe(registry)}", title_justify="left")
-    for column in ("name", "backbone", "method", "classes", "val top-1", "size", "created"):
-        table.add_column(column)
+    for column in ("name", "method", "backbone", "img size", "classes", "val top-1", "size", "created"):
+        table.add_column(column, no_wrap=column in ("name", "backbone"), overflow="fold")
     for entry in entries:
         size = f"{entry.path.stat().st_size / 1e3:.0f} KB"
         info = entry.info
         if info is None:
-            table.add_row(safe(entry.name), f"[red]unusable: {safe(entry.error)}[/]", "-", "-", "-", size, "-")
+            table.add_row(safe(entry.name), f"[red]unusable: {safe(entry.error)}[/]", "-", "-", "-", "-", size, "-")
             continue
         top1 = info.metrics.get("val_top1")
-        table.add_row(safe(entry.name), safe(info.backbone), f"{info.prompt.get('method')} ({info.prompt.get('num_prompts')})",
-                      str(len(info.classes)), f"{top1:.3f}" if top1 is not None else "-", size,
-                      safe(info.provenance.get("created", "-")))
+        prompts = info.prompt.get("num_prompts")
+        method = info.prompt.get("method") + (f" ({prompts})" if info.prompt.get("method", "").startswith("vpt") else "")
+        table.add_row(safe(entry.name), method, safe(info.backbone), str(info.img_size), str(len(info.classes)),
+                      f"{top1:.3f}" if top1 is not None else "-", size, safe(info.provenance.get("created", "-")))
     console.print(table)
+
+
+def render_task_info(console: Console, path: Path, info: TaskInfo) -> None:
+    prompt = info.prompt
+    lines = [
+        f"[bold]{safe(path.name.removesuffix('.safetensors'))}[/]  {safe(path)}",
+        f"  method         {prompt.get('method')}" + (f", {prompt.get('num_prompts')} prompts" if prompt.get("num_prompts") else ""),
+        f"  backbone       {safe(info.backbone)} at {info.img_size} px (fingerprint {info.backbone_fingerprint[:12]})",
+        f"  classes        {len(info.classes)}: {safe(', '.join(info.classes[:20]))}{' ...' if len(info.classes) > 20 else ''}",
+        f"  val metrics    {safe(', '.join(f'{k} {v:.4g}' for k, v in info.metrics.items() if v is not None)) or '-'}",
+        f"  trained        {safe(info.provenance.get('created', '-'))} on {safe(info.provenance.get('data', '-'))}",
+    ]
+    for line in lines:
+        console.print(line, highlight=False)
