@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from vpt_cli.cli import app
@@ -74,7 +75,15 @@ def test_train_eval_predict_export_on_sample_data(tiny_weights, tmp_path):
     assert all(len(r["top"]) == 2 and r["top"][0]["prob"] >= r["top"][1]["prob"] for r in rows)
 
     as_csv = vpt("predict", image, "--task", "fashion", "--format", "csv", "-k", "1")
-    assert as_csv.stdout.splitlines()[0] == "file,rank,class,prob" and len(as_csv.stdout.splitlines()) == 2
+    assert as_csv.stdout.splitlines()[0] == "file,task,rank,class,prob" and len(as_csv.stdout.splitlines()) == 2
+    as_json = vpt("predict", image, "--task", "fashion", "--json", "--output", tmp_path / "p.json",
+                  "--save-dir", tmp_path / "labelled")
+    assert as_json.exit_code == 0 and as_json.stdout == "", as_json.output
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["task"] == "fashion"
+    labelled = Image.open(tmp_path / "labelled" / f"{image.stem}.png")
+    assert labelled.size[1] > 256 and labelled.getpixel((0, 0)) == (255, 255, 255)  # label band above the image
+    again = vpt("predict", image, "--task", "fashion", "--output", tmp_path / "p.json")
+    assert again.exit_code == 2 and "--force" in again.stderr
 
     exported = vpt("export", "--task", "fashion", "--format", "onnx", "--output", tmp_path / "fashion.onnx", "--json")
     assert exported.exit_code == 0, exported.output

@@ -16,13 +16,14 @@ import torch
 from vpt_cli.home import runs_dir, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
-                          list_images, make_loader, read_task_requests, scan_class_folders, validate_samples)
+                          list_images, load_image, make_loader, read_task_requests, scan_class_folders,
+                          validate_samples)
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
 from vpt_cli.metrics import EvalReport, write_confusion_csv
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.plots import render_confusion_png
+from vpt_cli.plots import render_confusion_png, render_labelled_image
 from vpt_cli.probe import probe_init_head
 from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
@@ -183,6 +184,32 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
     if not predictions:
         raise PredictError(f"none of the {len(files)} inputs could be read (first: {failures[0][0]}: {failures[0][1]})")
     return PredictResult(server.names, predictions, failures, read / max(elapsed, 1e-9), read)
+
+
+def save_labelled_images(result: PredictResult, save_dir: str | Path, force: bool = False) -> list[Path]:
+    """Each predicted image with its answers drawn above it (one line per task: top-k classes and
+    probabilities), as `<stem>.png` in `save_dir`; an existing file is kept unless `force`."""
+    save_dir = Path(save_dir)
+    by_file: dict[str, list[Prediction]] = {}
+    for prediction in result.predictions:
+        by_file.setdefault(prediction.file, []).append(prediction)
+    written, used = [], set()
+    for file, predictions in by_file.items():
+        stem, number = Path(file).stem, 1
+        while f"{stem}.png" in used:
+            number += 1
+            stem = f"{Path(file).stem}_{number}"
+        used.add(f"{stem}.png")
+        target = save_dir / f"{stem}.png"
+        if target.exists() and not force:
+            raise UsageError(f"{target} exists; pass --force to overwrite it")
+        lines = [f"{p.task}: " + ", ".join(f"{name} {prob:.2f}" for name, prob in p.top) for p in predictions]
+        try:
+            render_labelled_image(load_image(Path(file)), lines, target)
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
+        written.append(target)
+    return written
 
 
 def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | None = None,

@@ -7,6 +7,7 @@ Errors the user can fix end with one line on stderr and a documented exit code.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -196,8 +197,32 @@ def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: 
 
 
 def _print_json(payload: Any) -> None:
-    """Strict JSON on stdout: a non-finite number (which JSON cannot hold) is written as null."""
-    sys.stdout.write(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
+    sys.stdout.write(_json_text(payload))
+
+
+def _json_text(payload: Any) -> str:
+    """Strict JSON: a non-finite number (which JSON cannot hold) is written as null."""
+    return json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _predictions_csv(result: Any) -> str:
+    """One row per (image, task, rank); the columns never change with the number of tasks."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "task", "rank", "class", "prob"])
+    for prediction in result.predictions:
+        for rank, (name, prob) in enumerate(prediction.top, 1):
+            writer.writerow([printable(prediction.file), prediction.task, rank, printable(name), f"{prob:.6f}"])
+    return buffer.getvalue()
+
+
+def _write_output(path: Path, text: str) -> None:
+    from vpt_cli.fileio import write_text
+
+    try:
+        write_text(path, text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _finite(value: Any) -> Any:
@@ -371,7 +396,11 @@ def predict(
     task: List[str] = typer.Option([], "--task", "-t", help=TASK_HELP + " Repeat to answer several tasks for every image in shared batches (same backbone)."),
     tasks_from: Optional[Path] = typer.Option(None, "--tasks-from", help="CSV with 'image' and 'task' columns: which tasks to answer for which image (instead of IMAGES and --task); image paths are relative to the CSV."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="Classes to show per image and task."),
-    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv on stdout."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, json or csv (columns file,task,rank,class,prob)."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the predictions to this file instead of stdout (json or csv: --format, else the file's suffix)."),
+    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Also write each image with its top-k labels drawn above it (PNG) into this folder."),
+    force: ForceOpt = False,
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     batch_size: Optional[int] = typer.Option(None, help="(image, task) pairs per forward pass. \\[default: auto]"),
     device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
@@ -391,24 +420,29 @@ def predict(
             raise UsageError("give IMAGES and at least one --task, or --tasks-from FILE.csv")
         if batch_size is not None and batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        fmt = OutputFormat.json if as_json else output_format
+        if output is not None and fmt is OutputFormat.table:
+            fmt = OutputFormat.json if output.suffix.lower() == ".json" else OutputFormat.csv
+        if output is not None and output.exists() and not force:
+            raise UsageError(f"{output} exists; pass --force to overwrite it")
         result = api.predict(images or [], task, top_k, _path(backbone_weights), batch_size, device.value, workers, amp,
-                             _reporter(quiet or output_format is not OutputFormat.table), tasks_from=tasks_from)
+                             _reporter(quiet or fmt is not OutputFormat.table), tasks_from=tasks_from)
         for file, reason in result.failures:
             err.print(f"[yellow]skipped[/] {safe(file)}: {safe(reason)}", highlight=False)
         several = len(result.tasks) > 1
-        if output_format is OutputFormat.json:
-            _print_json(result.to_dict())
-        elif output_format is OutputFormat.csv:
-            writer = csv.writer(sys.stdout)
-            writer.writerow(["file", *(["task"] if several else []), "rank", "class", "prob"])
-            for prediction in result.predictions:
-                for rank, (name, prob) in enumerate(prediction.top, 1):
-                    writer.writerow([printable(prediction.file), *([prediction.task] if several else []), rank,
-                                     printable(name), f"{prob:.6f}"])
-        else:
+        if fmt is OutputFormat.table:
             from vpt_cli.render import render_predictions
 
             render_predictions(out, result)
+        else:
+            text = _json_text(result.to_dict()) if fmt is OutputFormat.json else _predictions_csv(result)
+            if output is None:
+                sys.stdout.write(text)
+            else:
+                _write_output(output, text)
+        if save_dir is not None:
+            written = api.save_labelled_images(result, save_dir, force=force)
+            err.print(f"{len(written)} labelled images in {safe(save_dir)}", highlight=False)
         if not quiet:
             tasks_note = f" x {len(result.tasks)} tasks ({len(result.predictions)} answers)" if several else ""
             err.print(f"{result.num_images} images{tasks_note}, {result.images_per_sec:.1f} img/s", highlight=False)

@@ -325,3 +325,21 @@ def render_history_png(history: list[dict], path: Path) -> None:
         "accuracy", accuracy, percent, scale,
     )
     _save_png_atomic(image.resize((width, height), Image.Resampling.LANCZOS), path)
+
+
+def render_labelled_image(image: Image.Image, lines: list[str], path: Path) -> None:
+    """`image` (shrunk to at most 512 px, enlarged to at least 256) under a white band holding
+    `lines`, one per task: what `vpt predict --save-dir` writes."""
+    scale = min(512 / max(image.size), max(1.0, 256 / max(image.size)))
+    if scale != 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+    font = _font(14)
+    line_height = 20
+    width = max([image.width] + [_text_size(_printable(line), font)[0] + 16 for line in lines])
+    canvas = Image.new("RGB", (width, image.height + line_height * len(lines) + 8), WHITE)
+    canvas.paste(image.convert("RGB"), (0, line_height * len(lines) + 8))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((8, 4 + row * line_height), _printable(line), font=font, fill=INK)
+    _save_png_atomic(canvas, path)
