@@ -253,3 +253,17 @@ def test_history_png(tmp_path: Path) -> None:
     render_history_png([], tmp_path / "empty.png")
     with Image.open(tmp_path / "empty.png") as image:
         image.verify()
+
+
+def test_calibration_by_hand() -> None:
+    from vpt_cli.metrics import calibration
+
+    confidence = torch.tensor([0.95, 0.95, 0.55, 0.55, 0.55, 0.55])
+    correct = torch.tensor([True, False, True, True, True, False])
+    result = calibration(confidence, correct, bins=10)
+    # bin (0.9, 1]: acc 0.5 vs conf 0.95, 2 of 6; bin (0.5, 0.6]: acc 0.75 vs conf 0.55, 4 of 6
+    assert result.ece == pytest.approx(2 / 6 * 0.45 + 4 / 6 * 0.2)
+    assert result.bin_count[9] == 2 and result.bin_count[5] == 4 and sum(result.bin_count) == 6
+    assert result.bin_accuracy[0] is None
+    perfect = calibration(torch.tensor([1.0, 1.0]), torch.tensor([True, True]))
+    assert perfect.ece == 0.0

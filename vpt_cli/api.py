@@ -5,6 +5,8 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vpt_cli.home import runs_dir, task_name_from
+from vpt_cli.home import task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
                           list_images, load_image, make_loader, read_task_requests, scan_class_folders,
@@ -21,10 +23,12 @@ from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, c
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
-from vpt_cli.metrics import EvalReport, write_confusion_csv
+from vpt_cli.fileio import numbered_dir, write_text
+from vpt_cli.metrics import Calibration, EvalReport, calibration, write_confusion_csv
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.plots import render_confusion_png, render_labelled_image
+from vpt_cli.plots import render_confusion_png, render_labelled_image, render_reliability_png
 from vpt_cli.probe import probe_init_head
+from vpt_cli.report import SamplePrediction, render_report_html
 from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
 from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
@@ -75,22 +79,31 @@ def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], promp
 class EvalResult:
     task_name: str
     report: EvalReport
+    calibration: Calibration
     unknown_classes: list[str]
     skipped: list[tuple[str, str]]
-    confusion_csv: Path
-    confusion_png: Path
+    run_dir: Path
+    files: dict[str, Path]  # what was written: metrics, confusion, reliability, predictions, report
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task_name, **self.report.to_dict(), "unknown_classes": self.unknown_classes,
-                "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
-                "confusion_csv": str(self.confusion_csv), "confusion_png": str(self.confusion_png)}
+        return {"task": self.task_name, **self.report.to_dict(), "ece": self.calibration.ece,
+                "unknown_classes": self.unknown_classes,
+                "skipped": [{"file": f, "reason": r} for f, r in self.skipped], "run_dir": str(self.run_dir),
+                "files": {key: str(path) for key, path in self.files.items()}}
 
 
 def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
              device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
              reporter: Reporter | None = None) -> EvalResult:
-    """Metrics of a task on a folder of class folders; classes unknown to the task are reported."""
+    """Metrics of a task on a folder of class folders; classes unknown to the task are reported.
+
+    Writes a run folder (default `runs/eval/<task>` under the current folder, numbered `<task>2`,
+    ... rather than overwriting; `output_dir` to choose one): metrics.json, confusion.csv,
+    confusion.png, confusion_normalized.png, reliability.png (with the expected calibration
+    error), predictions.csv (file, true, predicted, confidence) and a self-contained report.html.
+    """
     reporter = reporter or Reporter()
+    name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
     loaded = load_for_inference(task, backbone_weights, device)
     classes, samples, skipped_files, unknown = scan_class_folders(Path(data), loaded.classes)
     good, bad = validate_samples(samples)
@@ -99,16 +112,48 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
         raise DataError(f"no readable images of the task's classes in {data}")
     loader = make_loader(ImageDataset(good, build_transform(loaded.backbone.data_config, train=False)),
                          batch_size, False, workers, 0)
-    report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter)
-    name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
-    out = Path(output_dir) if output_dir else runs_dir(name) / "eval"
-    csv_path, png_path = out / "confusion.csv", out / "confusion.png"
+    answers: list[SamplePrediction] = []
+
+    def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        confidence, predicted = logits.softmax(1).max(1)
+        answers.extend(SamplePrediction(str(good[i].path), classes[t], classes[p], c)
+                       for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
+
+    report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep)
+    skipped += [(str(path), reason) for path, reason in loader.dataset.failures]
+    calibrated = calibration(torch.tensor([a.confidence for a in answers]),
+                             torch.tensor([a.true == a.predicted for a in answers]))
     try:
-        write_confusion_csv(report, csv_path)
-        render_confusion_png(report, png_path, title=f"{name} on {Path(data).name}")
+        out = Path(output_dir) if output_dir else numbered_dir(Path("runs") / "eval", name)
+        result = EvalResult(name, report, calibrated, unknown, skipped, out, {})
+        _write_eval_files(result, answers, title=f"{name} on {Path(data).resolve().name}")
     except OSError as exc:
-        raise UsageError(f"cannot write the eval files to {out}: {exc.strerror or exc}") from None
-    return EvalResult(name, report, unknown, skipped, csv_path, png_path)
+        raise UsageError(f"cannot write the eval files to {output_dir or 'runs/eval'}: {exc.strerror or exc}") from None
+    return result
+
+
+def _write_eval_files(result: EvalResult, answers: list[SamplePrediction], title: str) -> None:
+    """Everything `evaluate` leaves in its run folder, report.html last (it embeds the pictures)."""
+    out, files = result.run_dir, result.files
+    files.update({"metrics": out / "metrics.json", "confusion_csv": out / "confusion.csv",
+                  "confusion_png": out / "confusion.png", "confusion_normalized_png": out / "confusion_normalized.png",
+                  "reliability_png": out / "reliability.png", "predictions": out / "predictions.csv",
+                  "report": out / "report.html"})
+    write_confusion_csv(result.report, files["confusion_csv"])
+    render_confusion_png(result.report, files["confusion_png"], title=title)
+    render_confusion_png(result.report, files["confusion_normalized_png"], title=title, normalized=True)
+    render_reliability_png(result.calibration, files["reliability_png"], title=f"Reliability: {title}")
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["file", "true", "predicted", "confidence"])
+    writer.writerows([a.file, a.true, a.predicted, f"{a.confidence:.6f}"] for a in answers)
+    write_text(files["predictions"], table.getvalue())
+    write_text(files["metrics"], json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    page = render_report_html(title=title, report=result.report, calibration=result.calibration, predictions=answers,
+                              images={"confusion matrix": files["confusion_png"],
+                                      "confusion matrix, row percentages": files["confusion_normalized_png"],
+                                      "reliability": files["reliability_png"]})
+    write_text(files["report"], page)
 
 
 @dataclass

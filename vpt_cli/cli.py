@@ -369,7 +369,7 @@ def evaluate(
     device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
-    output_dir: Optional[Path] = typer.Option(None, help="Where confusion.csv/.png go. \\[default: the task's run folder]/eval"),
+    output_dir: Optional[Path] = typer.Option(None, help="Folder for report.html, metrics.json, predictions.csv and the pictures. \\[default: runs/eval/<task>, numbered <task>2, ... instead of overwriting]"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -85,21 +85,28 @@ def sample_images(dataset: Any, count: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+# Called with (dataset indices, logits, labels) of every evaluated batch, on the CPU.
+BatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: torch.device, amp: bool,
-             reporter: Reporter, description: str = "eval") -> EvalReport:
-    """Metrics of `model` over `loader` (streamed: logits are not all kept in memory)."""
+             reporter: Reporter, description: str = "eval", on_batch: BatchObserver | None = None) -> EvalReport:
+    """Metrics of `model` over `loader` (streamed: logits are not all kept in memory; `on_batch`
+    sees each batch's outputs when a caller wants per-image answers)."""
     model.eval()
     accumulator = MetricAccumulator(len(classes))
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
     for batch in loader:
         if batch is None:
             continue
-        images, labels, _ = batch
+        images, labels, indices = batch
         with autocast(device, amp):
             logits = model(images.to(device)).float()
         labels = labels.to(device)
         accumulator.update(logits.cpu(), labels.cpu(), F.cross_entropy(logits, labels, reduction="sum").item())
+        if on_batch is not None:
+            on_batch(indices, logits.cpu(), labels.cpu())
         reporter.advance(len(labels))
     reporter.finish()
     return accumulator.report(classes)

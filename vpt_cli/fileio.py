@@ -57,3 +57,21 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def numbered_dir(parent: str | Path, name: str, exist_ok: bool = False) -> Path:
+    """A new folder `parent/name`, or `name2`, `name3`, ... when taken (Ultralytics' habit), so
+    no run overwrites another; `exist_ok` reuses `parent/name` as it is."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    if exist_ok:
+        (parent / name).mkdir(exist_ok=True)
+        return parent / name
+    for number in range(1, 100_000):
+        candidate = parent / (name if number == 1 else f"{name}{number}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free run folder name for {parent / name}")

@@ -216,3 +216,38 @@ def write_confusion_csv(report: EvalReport, path: Path) -> None:
     for name, row in zip(report.classes, report.confusion):
         writer.writerow([name, *row])
     atomic_write(Path(path), lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8", newline=""))
+
+
+@dataclass
+class Calibration:
+    """How far confidence is from accuracy: expected calibration error over equal-width bins."""
+
+    ece: float  # sum over bins of (bin size / n) * |accuracy - mean confidence|
+    bin_edges: list[float]
+    bin_accuracy: list[float | None]  # None for an empty bin
+    bin_confidence: list[float | None]
+    bin_count: list[int]
+
+
+def calibration(confidence: Tensor, correct: Tensor, bins: int = 15) -> Calibration:
+    """ECE of top-1 `confidence` (max softmax probability) against `correct` (bool), the usual
+    15 equal-width bins of (0, 1] (Guo et al. 2017)."""
+    if confidence.shape != correct.shape or confidence.dim() != 1:
+        raise ValueError("confidence and correct must be 1-D tensors of the same length")
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(confidence.double().clamp(1e-12, 1.0), edges[1:-1], right=True)
+    total = max(len(confidence), 1)
+    ece, accuracy, mean_conf, counts = 0.0, [], [], []
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        counts.append(count)
+        if not count:
+            accuracy.append(None)
+            mean_conf.append(None)
+            continue
+        acc, conf = float(correct[members].double().mean()), float(confidence[members].double().mean())
+        accuracy.append(acc)
+        mean_conf.append(conf)
+        ece += count / total * abs(acc - conf)
+    return Calibration(ece, edges.tolist(), accuracy, mean_conf, counts)

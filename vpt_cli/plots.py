@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from vpt_cli.fileio import atomic_write
-from vpt_cli.metrics import EvalReport
+from vpt_cli.metrics import Calibration, EvalReport
 
 Color = tuple[int, int, int]
 FontT = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -104,8 +104,9 @@ def _save_png_atomic(image: Image.Image, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", optimize=True))
 
 
-def render_confusion_png(report: EvalReport, path: Path, title: str | None = None) -> None:
-    """Row-normalised confusion matrix with counts, class names, captions and top-1 in the title.
+def render_confusion_png(report: EvalReport, path: Path, title: str | None = None, normalized: bool = False) -> None:
+    """Row-normalised confusion matrix with counts (or, `normalized`, each row's percentages),
+    class names, captions and top-1 in the title.
 
     Cells shrink as classes grow (72 px for up to 10 classes, 14 px from 52 on), counts are
     hidden when cells get too small to hold them (zeros already below 40 px), and x labels turn
@@ -129,7 +130,7 @@ def render_confusion_png(report: EvalReport, path: Path, title: str | None = Non
     heading = f"{_printable(title or 'Confusion matrix')}  ·  top-1 {report.top1:.1%}"
     subtitle = (
         f"balanced accuracy {report.balanced_accuracy:.1%}   n = {report.num_samples}   "
-        "colour: share of each true class's row"
+        "colour: share of each true class's row" + ("; numbers: row percentages" if normalized else "")
     )
     title_w, title_h = _text_size(heading, title_font)
     sub_w, sub_h = _text_size(subtitle, small_font)
@@ -160,7 +161,7 @@ def render_confusion_png(report: EvalReport, path: Path, title: str | None = Non
             draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=color, outline=GRID if cell >= 20 else None)
             if not show_counts or (count == 0 and cell < MIN_CELL_FOR_ZEROS):
                 continue
-            text = str(count)
+            text = f"{count / total:.0%}" if normalized and total else str(count)
             text_w, text_h = _text_size(text, count_font)
             if text_w > cell - 4 or text_h > cell - 4:
                 continue
@@ -343,3 +344,33 @@ def render_labelled_image(image: Image.Image, lines: list[str], path: Path) -> N
     for row, line in enumerate(lines):
         draw.text((8, 4 + row * line_height), _printable(line), font=font, fill=INK)
     _save_png_atomic(canvas, path)
+
+
+def render_reliability_png(result: Calibration, path: Path, title: str = "Reliability") -> None:
+    """Accuracy against confidence per bin (bars), the diagonal of perfect calibration, bin sizes
+    as a strip below, and the expected calibration error in the title."""
+    pad, plot, strip = 48, 360, 40
+    width, height = plot + 2 * pad, plot + strip + 3 * pad
+    image = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(image)
+    font, small = _font(16), _font(12)
+    draw.text((pad, 12), f"{_printable(title)}  ·  ECE {result.ece:.1%}", font=font, fill=INK)
+    x0, y0 = pad, 2 * pad
+    draw.rectangle((x0, y0, x0 + plot, y0 + plot), outline=MUTED)
+    draw.line((x0, y0 + plot, x0 + plot, y0), fill=GRID, width=2)
+    edges, most = result.bin_edges, max(result.bin_count + [1])
+    for b, accuracy in enumerate(result.bin_accuracy):
+        left, right = x0 + round(edges[b] * plot), x0 + round(edges[b + 1] * plot) - 1
+        if accuracy is not None:
+            draw.rectangle((left, y0 + plot - round(accuracy * plot), right, y0 + plot), fill=TRAIN_COLOR, outline=WHITE)
+            gap_top = y0 + plot - round(result.bin_confidence[b] * plot)
+            draw.line((left, gap_top, right, gap_top), fill=VAL_COLOR, width=2)
+        share = result.bin_count[b] / most
+        draw.rectangle((left, y0 + plot + pad // 2 + strip - round(share * strip), right, y0 + plot + pad // 2 + strip),
+                       fill=_blue(0.3 + 0.7 * share))
+    for tick in (0.0, 0.5, 1.0):
+        draw.text((x0 + tick * plot, y0 + plot + 4), f"{tick:.1f}", font=small, fill=MUTED, anchor="ma")
+        draw.text((x0 - 6, y0 + plot - tick * plot), f"{tick:.1f}", font=small, fill=MUTED, anchor="rm")
+    draw.text((x0 + plot / 2, height - 14), "confidence (bars: accuracy, orange: mean confidence; strip: images per bin)",
+              font=small, fill=MUTED, anchor="ms")
+    _save_png_atomic(image, path)

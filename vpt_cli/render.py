@@ -59,7 +59,9 @@ def render_eval(console: Console, result: EvalResult) -> None:
                       highlight=False)
     if result.skipped:
         console.print(f"[yellow]skipped[/] {len(result.skipped)} unreadable files", highlight=False)
-    console.print(f"confusion matrix: {safe(result.confusion_csv)}  {safe(result.confusion_png)}", highlight=False)
+    console.print(f"expected calibration error {_pct(result.calibration.ece)}", highlight=False)
+    console.print(f"results in {safe(result.run_dir)}: report.html, metrics.json, predictions.csv, confusion*.png, "
+                  "reliability.png", highlight=False)
 
 
 def render_predictions(console: Console, result: PredictResult) -> None:
