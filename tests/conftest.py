@@ -36,7 +36,9 @@ def tiny_weights(tiny_backbone, tmp_path):
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own VPT_HOME so no test sees another's tasks (or the user's)."""
+    """Every test gets its own VPT_HOME so no test sees another's tasks (or the user's), and runs
+    in its own folder, where `runs/` folders are written."""
     home = tmp_path / "vpt_home"
     monkeypatch.setenv("VPT_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
     return home

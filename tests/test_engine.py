@@ -8,7 +8,7 @@ import torch
 
 from vpt_cli import api, engine
 from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
-from vpt_cli.home import resolve_task_path, runs_dir
+from vpt_cli.home import resolve_task_path
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.artifact import load_task
 from vpt_cli.errors import TaskError, Terminated, TrainingInterrupted
@@ -117,7 +117,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes(tiny_weights, monkeypa
     config = tiny_run(tiny_weights, epochs=3, patience=0)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         api.train(config, task="resumable")
-    checkpoint = runs_dir("resumable") / "last.safetensors"
+    checkpoint = Path("runs/train/resumable/checkpoint.safetensors")
     assert checkpoint.is_file()
     assert not resolve_task_path("resumable").exists()  # no half-trained task is published
 

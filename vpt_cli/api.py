@@ -32,20 +32,24 @@ from vpt_cli.report import SamplePrediction, render_report_html
 from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
 from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
-from vpt_cli.training import TrainResult, claim_task, prepare_run, run_settings, save_trained
+from vpt_cli.training import (RunFolder, TrainResult, claim_task, epoch_writer, prepare_run, run_settings,
+                              save_trained)
 
 
 def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
-          reporter: Reporter | None = None) -> TrainResult:
+          reporter: Reporter | None = None, folder: RunFolder | None = None) -> TrainResult:
     """Train a task on `config.data.path` and save it to the registry (or to a task file path).
 
     The task is locked for the run; an existing task needs `force`, and `resume` continues the
     last finished epoch of an interrupted run with the same settings (checked before anything
-    is loaded). Ctrl-C or SIGTERM raise TrainingInterrupted, saying what can be resumed.
+    is loaded). Ctrl-C or SIGTERM raise TrainingInterrupted, saying what can be resumed. The run's
+    files go to `folder` (default `runs/train/<task>` under the current folder, numbered):
+    args.yaml, results.csv/png, best/last.safetensors, skipped.txt and the checkpoint.
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    with claim_task(config, task, force=force, resume=resume) as claimed:
+    with claim_task(config, task, force=force, resume=resume, folder=folder) as claimed:
+        reporter.log(f"run folder {claimed.run_dir}")
         try:
             run = prepare_run(config, claimed, reporter)
         except KeyboardInterrupt as exc:
@@ -62,17 +66,19 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             result = FitResult([], 0, report, False, 0.0, probe_acc)
         else:
             result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
-                         run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config))
+                         run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config),
+                         on_epoch=epoch_writer(run, config))
         return save_trained(run, model, config, result, started)
 
 
 def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None],
           eta: int = 3, budget: str | None = None, task: str | None = None, force: bool = False,
-          reporter: SweepReporter | None = None) -> SweepResult:
+          reporter: SweepReporter | None = None, folder: RunFolder | None = None) -> SweepResult:
     """Search lr x weight decay (x prompt length) on the val split with successive halving and
     keep the best trial as the task (vpt_cli.sweep)."""
     plan = plan_sweep(lrs, weight_decays, prompt_lengths, config.train.epochs, eta, budget)
-    return run_sweep(config, plan, task=task, force=force, reporter=reporter)
+    return run_sweep(config, plan, task=task, force=force, reporter=reporter,
+                     folder=folder or RunFolder(project="runs/sweep"))
 
 
 @dataclass

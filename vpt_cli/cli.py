@@ -98,6 +98,11 @@ WorkersOpt = Annotated[Optional[int], typer.Option(help=WORKERS_HELP)]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML file with backbone/prompt/data/train sections; flags override it.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing task of the same name.")]
+ProjectOpt = Annotated[Optional[Path], typer.Option(
+    "--project", help="Parent folder of the run folder. \\[default: runs/train (runs/sweep for sweep)]")]
+RunNameOpt = Annotated[Optional[str], typer.Option(
+    "--name", help="Run folder name, numbered name2, name3, ... when taken. \\[default: the task name]")]
+ExistOkOpt = Annotated[bool, typer.Option("--exist-ok", help="Reuse an existing run folder instead of numbering a new one.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
 
@@ -263,7 +268,10 @@ def train(
     workers: WorkersOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this task from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this task (its run folder, same settings) after its last finished epoch.")] = False,
+    project: ProjectOpt = None,
+    name: RunNameOpt = None,
+    exist_ok: ExistOkOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -287,7 +295,8 @@ def train(
             "train.select": _value(select), "train.patience": patience, "train.amp": amp,
         })
         run_config = load_config(config, overrides)
-        result = api.train(run_config, task=task, force=force, resume=resume, reporter=_reporter(quiet or as_json))
+        result = api.train(run_config, task=task, force=force, resume=resume, reporter=_reporter(quiet),
+                           folder=_run_folder(project, name, exist_ok, "runs/train"))
         if as_json:
             _print_json(result.to_dict())
             return
@@ -330,6 +339,9 @@ def sweep(
     workers: WorkersOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
+    project: ProjectOpt = None,
+    name: RunNameOpt = None,
+    exist_ok: ExistOkOpt = False,
     as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
 ) -> None:
@@ -349,9 +361,10 @@ def sweep(
                                       seed=seed, device=device, workers=workers)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
-        with LiveSweepTable(err, quiet=quiet or as_json) as live:
+        with LiveSweepTable(err, quiet=quiet) as live:
             result = api.sweep(run_config, _floats(lr, "--lr"), _floats(weight_decay, "--weight-decay"), lengths,
-                               eta=eta, budget=budget, task=task, force=force, reporter=live)
+                               eta=eta, budget=budget, task=task, force=force, reporter=live,
+                               folder=_run_folder(project, name, exist_ok, "runs/sweep"))
         if as_json:
             _print_json(result.to_dict())
         else:
@@ -379,7 +392,7 @@ def evaluate(
         from vpt_cli import api
 
         result = api.evaluate(data, task, _path(backbone_weights), batch_size, device.value, workers, amp,
-                              output_dir, _reporter(quiet or as_json))
+                              output_dir, _reporter(quiet))
         if as_json:
             _print_json(result.to_dict())
             return
@@ -580,6 +593,12 @@ def tasks_import(file: Annotated[Path, typer.Argument(help="A .safetensors task 
         err.print(f"imported {safe(file)} -> {safe(import_task(file, name, force=force))}", highlight=False)
 
     _run(action)
+
+
+def _run_folder(project: Optional[Path], name: Optional[str], exist_ok: bool, default: str) -> Any:
+    from vpt_cli.training import RunFolder
+
+    return RunFolder(project=project or default, name=name, exist_ok=exist_ok)
 
 
 def _path(value: Optional[Path]) -> Optional[str]:

@@ -240,7 +240,7 @@ class TrainingRun:
             self.state["since_best"] += 1
         stats = EpochStats(epoch, config.epochs, loss, acc, report.top1 if report else None,
                            report.loss if report else None, self.optimizer.param_groups[0]["lr"], speed,
-                           time.perf_counter() - started, is_best)
+                           time.perf_counter() - started, is_best, report.balanced_accuracy if report else None)
         self.history.append(stats)
         self.state.update(epoch=epoch, history=[asdict(h) for h in self.history])
         self.reporter.epoch_end(stats)
@@ -282,12 +282,14 @@ def check_same_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
         config: TrainConfig, device: torch.device, checkpoint: Checkpoint, reporter: Reporter,
-        resume: bool = False, settings: dict[str, Any] | None = None) -> FitResult:
+        resume: bool = False, settings: dict[str, Any] | None = None,
+        on_epoch: Callable[["TrainingRun"], None] | None = None) -> FitResult:
     """Train with best-on-val selection, early stopping and a checkpoint after every epoch.
 
     Ctrl-C (or SIGTERM) raises TrainingInterrupted; the checkpoint of the last finished epoch is
     what `resume=True` continues from, and a resumed run equals the uninterrupted one. The
-    checkpoint must come from the same `settings`.
+    checkpoint must come from the same `settings`. `on_epoch(run)` follows every saved epoch (the
+    run folder's best/last task files and results).
     """
     run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings)
     try:
@@ -298,6 +300,8 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
         while not run.should_stop:
             run.run_epoch()
             run.save(checkpoint)
+            if on_epoch is not None:
+                on_epoch(run)
     except KeyboardInterrupt as exc:
         reporter.finish()  # take down the half-drawn progress bar before the error line
         code = getattr(exc, "exit_code", TrainingInterrupted.exit_code)

@@ -1,4 +1,4 @@
-"""$VPT_HOME: the task registry, run folders, task names and per-task locks.
+"""$VPT_HOME: the task registry, task names and per-task locks.
 
 Every path written here is built from a name the user typed (or a task file's stem), checked
 against one safe alphabet, so nothing a task file says can steer a write outside $VPT_HOME.
@@ -37,11 +37,6 @@ def vpt_home() -> Path:
 
 def tasks_dir() -> Path:
     return vpt_home() / "tasks"
-
-
-def runs_dir(name: str) -> Path:
-    """Where a named task's run log, config and resumable checkpoint live (inside $VPT_HOME)."""
-    return vpt_home() / "runs" / check_task_name(name)
 
 
 def check_task_name(name: str) -> str:

@@ -28,6 +28,7 @@ GRID: Color = (228, 228, 228)
 BLUES: tuple[Color, ...] = ((255, 255, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107))
 TRAIN_COLOR: Color = (31, 119, 180)
 VAL_COLOR: Color = (230, 110, 0)
+KEPT_COLOR: Color = (44, 160, 44)
 
 MAX_LABEL_CHARS = 24  # longer class names are shortened in the middle (CSV/JSON keep them whole)
 MIN_CELL_FOR_COUNTS = 16  # below this many pixels per cell the numbers would be unreadable
@@ -303,8 +304,10 @@ def _series(history: list[dict], key: str) -> list[tuple[float, float]]:
     return points
 
 
-def render_history_png(history: list[dict], path: Path) -> None:
-    """Learning curves: training loss on the left, train/val accuracy on the right, per epoch.
+def render_history_png(history: list[dict], path: Path, probe_acc: float | None = None,
+                       kept_epoch: int | None = None) -> None:
+    """Learning curves per epoch: train/val loss on the left, train/val accuracy on the right,
+    with the linear-probe start as a flat grey line and the epoch kept as the task marked.
 
     Drawn at twice the size and downsampled, because Pillow's lines are not anti-aliased.
     """
@@ -313,11 +316,17 @@ def render_history_png(history: list[dict], path: Path) -> None:
     draw = ImageDraw.Draw(image)
     half = width * scale // 2
     margin = 14 * scale
-    loss = [("train", TRAIN_COLOR, _series(history, "train_loss"))]
+    loss = [("train", TRAIN_COLOR, _series(history, "train_loss")), ("val", VAL_COLOR, _series(history, "val_loss"))]
     accuracy = [
         ("train", TRAIN_COLOR, _series(history, "train_acc")),
         ("val", VAL_COLOR, _series(history, "val_acc")),
     ]
+    epochs = [row["epoch"] for row in history]
+    if probe_acc is not None and epochs:
+        accuracy.append(("probe start", MUTED, [(0.0, probe_acc), (float(max(epochs)), probe_acc)]))
+    kept = [(x, y) for x, y in _series(history, "val_acc") if x == kept_epoch]
+    if kept:
+        accuracy.append((f"kept (epoch {kept_epoch})", KEPT_COLOR, kept))
     acc_values = [y for _, _, pts in accuracy for _, y in pts]
     percent = all(0.0 <= y <= 1.0 for y in acc_values)
     _draw_panel(draw, (margin, margin, half - margin, height * scale - margin), "loss", loss, False, scale)

@@ -37,7 +37,7 @@ def render_train(console: Console, result: TrainResult) -> None:
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",
         f"  speed          {result.train_images_per_sec:.1f} train img/s, {result.seconds:.0f}s in all",
-        f"  run folder     {safe(result.run_dir)} (config.yaml, history.png, last.safetensors)",
+        f"  run folder     {safe(result.run_dir)} (args.yaml, results.csv, results.png, best/last.safetensors)",
     ]
     for line in lines:
         console.print(line, highlight=False)

@@ -43,6 +43,7 @@ class EpochStats:
     images_per_sec: float
     seconds: float
     is_best: bool = False
+    val_balanced_acc: float | None = None
 
 
 class SweepReporter:

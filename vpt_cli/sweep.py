@@ -28,7 +28,7 @@ from vpt_cli.fileio import atomic_write
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.reporting import Reporter, SweepReporter
 from vpt_cli.runtime import seed_everything
-from vpt_cli.training import ClaimedTask, TrainResult, claim_task, prepare_run, save_trained
+from vpt_cli.training import ClaimedTask, RunFolder, TrainResult, claim_task, prepare_run, save_trained
 
 CSV_FIELDS = ("index", "num_prompts", "lr", "weight_decay", "status", "epochs_run", "best_epoch", "val_top1",
               "val_loss", "seconds")
@@ -145,14 +145,14 @@ class SweepResult:
 
 
 def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force: bool = False,
-              reporter: SweepReporter | None = None) -> SweepResult:
+              reporter: SweepReporter | None = None, folder: RunFolder | None = None) -> SweepResult:
     """Run the plan with successive halving and save the winner as the task (see module doc)."""
     reporter = reporter or SweepReporter()
     if not config.prompt.method.startswith("vpt"):
         raise UsageError(f"vpt sweep tunes prompt training; --method {config.prompt.method} has nothing to sweep "
                          "(linear picks its own L2 strength on val)")
     started = time.perf_counter()
-    with claim_task(config, task, force=force) as claimed:
+    with claim_task(config, task, force=force, folder=folder) as claimed:
         return _run_claimed(config, plan, claimed, reporter, started)
 
 

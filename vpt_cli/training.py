@@ -6,6 +6,7 @@ same frozen backbone), so the folder is scanned and the backbone loaded only onc
 """
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import time
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import timm
 import torch
@@ -24,10 +25,11 @@ from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import RunConfig
 from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, validate_samples
-from vpt_cli.engine import FitResult, check_same_settings
-from vpt_cli.errors import DataError, TaskError
-from vpt_cli.home import remove_orphan_temp_files, resolve_task_path, runs_dir, slugify, task_lock, task_name_from
-from vpt_cli.fileio import write_text
+from vpt_cli.engine import FitResult, TrainingRun, check_same_settings
+from vpt_cli.errors import DataError, TaskError, UsageError
+from vpt_cli.home import (check_task_name, remove_orphan_temp_files, resolve_task_path, slugify, task_lock,
+                          task_name_from)
+from vpt_cli.fileio import numbered_dir, write_text
 from vpt_cli.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.plots import render_history_png
@@ -103,19 +105,36 @@ class ClaimedTask:
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.run_dir / "last.safetensors")
+        return Checkpoint(self.run_dir / CHECKPOINT_FILE)
+
+
+CHECKPOINT_FILE = "checkpoint.safetensors"  # resumable state; best/last.safetensors are usable tasks
+
+
+@dataclass
+class RunFolder:
+    """Where a run's files go: `project/name`, numbered (name2, ...) unless `exist_ok`."""
+
+    project: str | Path = "runs/train"
+    name: str | None = None  # default: the task's name
+    exist_ok: bool = False
 
 
 @contextmanager
-def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = False) -> Iterator[ClaimedTask]:
+def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = False,
+               folder: RunFolder | None = None) -> Iterator[ClaimedTask]:
     """Resolve the task name (default: the data folder's name, slugified), take its lock, and
     refuse what would lose work, all before any data or weights are read: an existing task
     without `force` (also on `resume`: a finished task is not resumed), or a checkpoint made with
-    other settings. Temp files a killed writer left behind are removed under the lock."""
+    other settings. Then make the run folder: a new numbered one, or on `resume` (or `exist_ok`)
+    the folder itself. Temp files a killed writer left behind are removed under the lock."""
     config.validate()
+    folder = folder or RunFolder()
     path = resolve_task_path(task if task is not None else slugify(Path(config.data.path).resolve().name))
     name = task_name_from(path)
-    claimed = ClaimedTask(path=path, name=name, run_dir=runs_dir(name))
+    run_name = check_task_name(folder.name) if folder.name is not None else name
+    exact = (Path(folder.project) / run_name).resolve()
+    claimed = ClaimedTask(path=path, name=name, run_dir=exact)
     with task_lock(path):
         if path.exists() and not force:
             hint = "it is finished, so there is nothing to resume; " if resume else ""
@@ -123,9 +142,17 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
         if resume:
             check_same_settings(claimed.checkpoint.settings(), run_settings(config))
         remove_orphan_temp_files(path)
-        for written in ("last.safetensors", "config.yaml", "skipped.txt", "history.json", "history.png"):
+        try:
+            claimed.run_dir = numbered_dir(exact.parent, run_name, exist_ok=resume or folder.exist_ok).resolve()
+        except OSError as exc:
+            raise UsageError(f"cannot make the run folder {exact}: {exc.strerror or exc}") from None
+        for written in RUN_FILES:
             remove_orphan_temp_files(claimed.run_dir / written)
         yield claimed
+
+
+RUN_FILES = (CHECKPOINT_FILE, "best.safetensors", "last.safetensors", "args.yaml", "results.csv", "results.png",
+             "skipped.txt", "sweep.csv")
 
 
 def run_settings(config: RunConfig) -> dict[str, Any]:
@@ -148,9 +175,9 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
         raise DataError(f"no readable training images in {data_root}")
     backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
+    write_text(task.run_dir / "args.yaml", resolved_args(config, backbone).to_yaml())
     run_dir = task.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", config.to_yaml())
     write_skipped(run_dir, skipped)
     if skipped:
         reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
@@ -169,34 +196,81 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
                        skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader)
 
 
-def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result: FitResult, started: float,
-                 extra_provenance: dict[str, Any] | None = None) -> TrainResult:
-    """Write the task file (its metadata says what it stores and how it was made) and the run's
-    history; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
-    report, history = result.best_report, result.history
-    skipped = run.skipped + [item for item in failures_while_loading(run) if item not in run.skipped]
-    info = TaskInfo(
+def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None,
+              provenance: dict[str, Any]) -> TaskInfo:
+    """What a task file made from this run says about itself."""
+    return TaskInfo(
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
         img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
         metrics=_summary(report),
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
-            "num_val": run.num_val, "skipped": len(skipped), "seed": config.train.seed,
-            "stores": STORED_TENSORS[config.prompt.method],
-            "best_epoch": result.best_epoch, "selection": result.selection, "epochs_run": len(history), "config": config.to_dict(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "num_val": run.num_val, "seed": config.train.seed, "stores": STORED_TENSORS[config.prompt.method],
+            "config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"vpt_cli": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},
-            **(extra_provenance or {}),
+            **provenance,
         },
     )
-    saved = Task(info=info, tensors=model.task_state_dict())
-    save_task(saved, run.task_path, force=True)  # prepare_run already refused an unwanted overwrite
-    write_text(run.run_dir / "history.json", json.dumps([asdict(h) for h in history], indent=1))
-    write_skipped(run.run_dir, skipped)
+
+
+def epoch_writer(run: PreparedRun, config: RunConfig) -> Callable[[TrainingRun], None]:
+    """After every epoch: best.safetensors and last.safetensors (usable task files), results.csv
+    and results.png in the run folder, so a run stopped at any point leaves something to use."""
+
+    def write(training: TrainingRun) -> None:
+        history = training.history
+        last_report = history[-1]
+        save_task(Task(task_info(run, config, None, {"epoch": last_report.epoch, "kept": "last",
+                                                      "val_top1": last_report.val_acc}),
+                       training.model.task_state_dict()), run.run_dir / "last.safetensors", force=True)
+        save_task(Task(task_info(run, config, None, {"epoch": training.state["best_epoch"], "kept": "best"}),
+                       training.best_state), run.run_dir / "best.safetensors", force=True)
+        write_results(run.run_dir, history, training.state["probe_val_acc"], training.state["best_epoch"])
+
+    return write
+
+
+def write_results(run_dir: Path, history: list[EpochStats], probe_acc: float | None, kept_epoch: int) -> None:
+    """results.csv (one row per epoch) and results.png (curves, probe start, kept epoch)."""
+    columns = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
+               "images_per_sec", "seconds")
+    lines = [",".join(columns)] + [",".join("" if getattr(h, c) is None else f"{getattr(h, c):.6g}" for c in columns)
+                                   for h in history]
+    write_text(run_dir / "results.csv", "\n".join(lines) + "\n")
     if history:
-        render_history_png([asdict(h) for h in history], run.run_dir / "history.png")
+        render_history_png([asdict(h) for h in history], run_dir / "results.png", probe_acc=probe_acc,
+                           kept_epoch=kept_epoch)
+
+
+def resolved_args(config: RunConfig, backbone: Backbone) -> RunConfig:
+    """`config` with every value concrete (no null, no 'auto') and absolute paths: args.yaml,
+    reusable with --config from any folder."""
+    resolved = copy.deepcopy(config)
+    resolved.data.path = str(Path(config.data.path).resolve())
+    resolved.backbone.weights = backbone.weights
+    resolved.backbone.img_size = backbone.img_size
+    resolved.prompt.dropout = config.prompt.resolved_dropout
+    resolved.train.lr = config.train.resolved_lr()
+    resolved.train.head_lr = config.train.resolved_head_lr()
+    resolved.train.warmup_epochs = config.train.resolved_warmup()
+    return resolved
+
+
+def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result: FitResult, started: float,
+                 extra_provenance: dict[str, Any] | None = None) -> TrainResult:
+    """Write the task file (its metadata says what it stores and how it was made) and the run's
+    results; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
+    report, history = result.best_report, result.history
+    skipped = run.skipped + [item for item in failures_while_loading(run) if item not in run.skipped]
+    info = task_info(run, config, report, {"skipped": len(skipped), "best_epoch": result.best_epoch,
+                                           "selection": result.selection, "epochs_run": len(history),
+                                           "run_dir": str(run.run_dir), **(extra_provenance or {})})
+    saved = Task(info=info, tensors=model.task_state_dict())
+    save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
+    write_skipped(run.run_dir, skipped)
+    write_results(run.run_dir, history, result.probe_val_acc, result.best_epoch)
     trainable = sum(p.numel() for group in model.parameter_groups().values() for p in group)
     return TrainResult(
         task_path=run.task_path, task_name=run.name, classes=run.classes, val_report=report, history=history,
