@@ -1,0 +1,120 @@
+"""Every supported backbone family against the method's rule (shared/docs/vpt-method.md), and end
+to end: train, evaluate, a mixed-task batch, ONNX export. Tiny random instances, 32 px."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vpt_cli import api
+from vpt_cli.backbones import create_backbone
+from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
+from vpt_cli.export import export_model
+from vpt_cli.inference import load_for_inference
+from vpt_cli.models.multitask import MultiTaskViT
+from vpt_cli.models.prompted import PromptedViT
+
+from conftest import TINY_KWARGS
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+FAMILIES = {
+    "deit-distilled": BackboneConfig(name="deit_tiny_distilled_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS)),
+}
+
+
+def tiny(family: str):
+    torch.manual_seed(0)
+    return create_backbone(FAMILIES[family], pretrained=False).model
+
+
+def prompted(backbone, prompt: PromptConfig, num_classes: int = 3, seed: int = 1) -> PromptedViT:
+    """Eval-mode model with prompts and head far from their init, so any misplaced row shows."""
+    torch.manual_seed(seed)
+    model = PromptedViT(backbone, num_classes, prompt).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_()
+    return model
+
+
+def layer_prompts(prompts: torch.Tensor, layer: int, batch: int) -> torch.Tensor:
+    return prompts[layer].unsqueeze(0).expand(batch, -1, -1)
+
+
+# --- independent re-computations, one per family, written from the method doc's rules --------
+
+
+def deit_reference(backbone, prompts, images, deep):
+    """[CLS, distillation, prompts, patches]; deep prompts replace rows 2..2+N before every block
+    but the first; final norm; the mean of the CLS and distillation outputs (timm's head)."""
+    batch = len(images)
+    patches = backbone.patch_embed.proj(images).flatten(2).transpose(1, 2)
+    prefix = torch.cat([backbone.cls_token, backbone.dist_token], dim=1).expand(batch, -1, -1)
+    tokens = torch.cat([prefix, patches], dim=1) + backbone.pos_embed
+    n = prompts.shape[1]
+    tokens = torch.cat([tokens[:, :2], layer_prompts(prompts, 0, batch), tokens[:, 2:]], dim=1)
+    for layer, block in enumerate(backbone.blocks):
+        if deep and layer > 0:
+            tokens = torch.cat([tokens[:, :2], layer_prompts(prompts, layer, batch), tokens[:, 2 + n:]], dim=1)
+        tokens = block(tokens)
+    tokens = backbone.norm(tokens)
+    return (tokens[:, 0] + tokens[:, 1]) / 2
+
+
+REFERENCES = {"deit-distilled": deit_reference}
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompted_forward_matches_the_rule(family, method):
+    backbone = tiny(family)
+    model = prompted(backbone, PromptConfig(method=method, num_prompts=3))
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = REFERENCES[family](backbone, model.prompts, images, deep=method == "vpt-deep")
+        got = model.forward_features(images)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_prompts_reproduce_the_backbone(family):
+    backbone = tiny(family)
+    model = PromptedViT(backbone, 3, PromptConfig(method="linear")).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(model.forward_features(images), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(backbone(images), expected, atol=0, rtol=0)  # num_classes=0: the same thing
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_evaluates_mixes_and_exports(family, tmp_path):
+    backbone = tiny(family)
+    weights = tmp_path / f"{family}.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    config = RunConfig(backbone=replace(FAMILIES[family], weights=str(weights)), train=TrainConfig(epochs=1))
+    config.prompt = PromptConfig(method="vpt-deep", num_prompts=2)
+    config.data.path, config.data.workers = str(SAMPLE), 0
+    trained = api.train(config, task=family)
+    assert trained.history and trained.val_report is not None
+    evaluated = api.evaluate(SAMPLE / "val", trained.task_path, output_dir=tmp_path / "eval")
+    assert evaluated.report.top1 == pytest.approx(trained.val_report.top1)
+
+    loaded = load_for_inference(trained.task_path, device="cpu")
+    other = prompted(loaded.backbone.model, PromptConfig(method="vpt-shallow", num_prompts=3), num_classes=4)
+    tasks = [loaded.model, other]
+    mixed = MultiTaskViT(loaded.backbone.model, tasks)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    task_index = torch.tensor([0, 1, 1, 0])
+    with torch.inference_mode():
+        logits = mixed(images, task_index)
+        for row, t in enumerate(task_index.tolist()):
+            single = tasks[t](images[row : row + 1])[0]
+            torch.testing.assert_close(logits[row, : len(single)], single, atol=1e-5, rtol=0)
+    for model, name in ((loaded.model, "single.onnx"), (mixed, "bundle.onnx")):
+        exported = export_model(model, 32, "onnx", tmp_path / name)
+        assert exported.checked_with.startswith("onnxruntime") and exported.max_abs_diff < 1e-4
