@@ -22,6 +22,7 @@ from conftest import TINY_KWARGS
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 FAMILIES = {
     "deit-distilled": BackboneConfig(name="deit_tiny_distilled_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS)),
+    "eva": BackboneConfig(name="eva02_tiny_patch14_224", img_size=32, kwargs=dict(TINY_KWARGS)),
 }
 
 
@@ -65,7 +66,48 @@ def deit_reference(backbone, prompts, images, deep):
     return (tokens[:, 0] + tokens[:, 1]) / 2
 
 
-REFERENCES = {"deit-distilled": deit_reference}
+def interleaved_rotation(x, sin, cos):
+    """Rotate each pair (x[2i], x[2i+1]) by its angle: (a, b) -> (a cos - b sin, b cos + a sin)."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    sin, cos = sin[..., 0::2], cos[..., 0::2]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+
+
+def eva_block(block, x, rotated, sin, cos):
+    """One EVA02 block with the rotary rule spelled out: only the rows in `rotated` (the patches)
+    get their queries and keys rotated; every other row (CLS, prompts) is left as it is."""
+    attn, (batch, length, width) = block.attn, x.shape
+    bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    qkv = torch.nn.functional.linear(block.norm1(x), attn.qkv.weight, bias)
+    q, k, v = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = q.clone(), k.clone()
+    q[:, :, rotated] = interleaved_rotation(q[:, :, rotated], sin, cos)
+    k[:, :, rotated] = interleaved_rotation(k[:, :, rotated], sin, cos)
+    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+    out = attn.proj(attn.norm((weights @ v).transpose(1, 2).reshape(batch, length, width)))
+    x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
+    out = block.mlp(block.norm2(x))
+    return x + (out if block.gamma_2 is None else block.gamma_2 * out)
+
+
+def eva_reference(backbone, prompts, images, deep):
+    """[CLS, prompts, patches]; rotary angles for the patch rows only; deep prompts replace rows
+    1..1+N; the average of every token after CLS (prompts included) through fc_norm."""
+    assert not backbone.blocks[0].attn.rotate_half, "the rotation above is the interleaved layout"
+    batch = len(images)
+    patches = backbone.patch_embed.proj(images).flatten(2).transpose(1, 2)
+    tokens = torch.cat([backbone.cls_token.expand(batch, -1, -1), patches], dim=1) + backbone.pos_embed
+    sin, cos = backbone.rope.get_embed().chunk(2, dim=-1)
+    n = prompts.shape[1]
+    tokens = torch.cat([tokens[:, :1], layer_prompts(prompts, 0, batch), tokens[:, 1:]], dim=1)
+    for layer, block in enumerate(backbone.blocks):
+        if deep and layer > 0:
+            tokens = torch.cat([tokens[:, :1], layer_prompts(prompts, layer, batch), tokens[:, 1 + n:]], dim=1)
+        tokens = eva_block(block, tokens, slice(1 + n, None), sin, cos)
+    return backbone.fc_norm(backbone.norm(tokens)[:, 1:].mean(1))
+
+
+REFERENCES = {"deit-distilled": deit_reference, "eva": eva_reference}
 
 
 @pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow"])
