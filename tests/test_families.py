@@ -23,12 +23,25 @@ SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 FAMILIES = {
     "deit-distilled": BackboneConfig(name="deit_tiny_distilled_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS)),
     "eva": BackboneConfig(name="eva02_tiny_patch14_224", img_size=32, kwargs=dict(TINY_KWARGS)),
+    "beit": BackboneConfig(name="beit_base_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS)),
+}
+# Variants of a family's position scheme that the re-computation covers too.
+VARIANTS = {
+    **FAMILIES,
+    "beit-shared-bias": replace(FAMILIES["beit"], kwargs=dict(TINY_KWARGS, use_rel_pos_bias=False,
+                                                              use_shared_rel_pos_bias=True, use_abs_pos_emb=True)),
 }
 
 
 def tiny(family: str):
+    """A random instance; relative position tables (zero at init) are drawn too, so they count."""
     torch.manual_seed(0)
-    return create_backbone(FAMILIES[family], pretrained=False).model
+    model = create_backbone(VARIANTS[family], pretrained=False).model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.normal_()
+    return model
 
 
 def prompted(backbone, prompt: PromptConfig, num_classes: int = 3, seed: int = 1) -> PromptedViT:
@@ -107,11 +120,53 @@ def eva_reference(backbone, prompts, images, deep):
     return backbone.fc_norm(backbone.norm(tokens)[:, 1:].mean(1))
 
 
-REFERENCES = {"deit-distilled": deit_reference, "eva": eva_reference}
+def beit_bias(table, index, heads, n):
+    """The relative position bias over [CLS, prompts, patches]: the table's entries for every pair
+    of CLS/patch tokens, zero in the N prompt rows and columns."""
+    positioned = index.shape[0]
+    bias = table[index.reshape(-1)].reshape(positioned, positioned, heads).permute(2, 0, 1)
+    rows = torch.cat([torch.tensor([0]), torch.arange(1 + n, n + positioned)])
+    full = torch.zeros(heads, positioned + n, positioned + n)
+    full[:, rows[:, None], rows[None, :]] = bias
+    return full
+
+
+def beit_reference(backbone, prompts, images, deep):
+    """[CLS, prompts, patches]; attention logits plus each block's (and the shared) relative
+    position bias, zero for prompts; deep prompts replace rows 1..1+N; fc_norm of the mean of
+    every token after CLS, prompts included (the backbone's average pooling)."""
+    batch, n = len(images), prompts.shape[1]
+    patches = backbone.patch_embed.proj(images).flatten(2).transpose(1, 2)
+    tokens = torch.cat([backbone.cls_token.expand(batch, -1, -1), patches], dim=1)
+    if backbone.pos_embed is not None:
+        tokens = tokens + backbone.pos_embed
+    tokens = torch.cat([tokens[:, :1], layer_prompts(prompts, 0, batch), tokens[:, 1:]], dim=1)
+    shared = backbone.rel_pos_bias
+    for layer, block in enumerate(backbone.blocks):
+        if deep and layer > 0:
+            tokens = torch.cat([tokens[:, :1], layer_prompts(prompts, layer, batch), tokens[:, 1 + n:]], dim=1)
+        attn, heads = block.attn, block.attn.num_heads
+        bias = 0
+        if attn.relative_position_bias_table is not None:
+            bias = beit_bias(attn.relative_position_bias_table, attn.relative_position_index, heads, n)
+        if shared is not None:
+            bias = bias + beit_bias(shared.relative_position_bias_table, shared.relative_position_index, heads, n)
+        qkv = torch.nn.functional.linear(block.norm1(tokens), attn.qkv.weight,
+                                         torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias]))
+        q, k, v = qkv.reshape(batch, tokens.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * attn.scale + bias).softmax(-1)
+        out = attn.proj((weights @ v).transpose(1, 2).flatten(2))
+        tokens = tokens + block.gamma_1 * out
+        tokens = tokens + block.gamma_2 * block.mlp(block.norm2(tokens))
+    return backbone.fc_norm(backbone.norm(tokens)[:, 1:].mean(1))
+
+
+REFERENCES = {"deit-distilled": deit_reference, "eva": eva_reference, "beit": beit_reference,
+              "beit-shared-bias": beit_reference}
 
 
 @pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(VARIANTS))
 def test_prompted_forward_matches_the_rule(family, method):
     backbone = tiny(family)
     model = prompted(backbone, PromptConfig(method=method, num_prompts=3))
@@ -122,7 +177,7 @@ def test_prompted_forward_matches_the_rule(family, method):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(VARIANTS))
 def test_no_prompts_reproduce_the_backbone(family):
     backbone = tiny(family)
     model = PromptedViT(backbone, 3, PromptConfig(method="linear")).eval()
