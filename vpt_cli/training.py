@@ -110,6 +110,7 @@ def prepare_run(config: RunConfig, task: str | None, replace: bool, reporter: Re
         raise DataError(f"no readable training images in {data_root}")
     backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
+    config.prompt.resolve_pool(backbone.name)  # ... and the pooling
     run_dir = runs_dir(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", config.to_yaml())

@@ -69,9 +69,11 @@ class FamilyAdapter(ABC):
         slots of a mixed-task batch."""
 
     @abstractmethod
-    def rows_read_by_pooling(self, length: int) -> int:
-        """How many leading rows of the last layer's output (`length` rows) the pooling reads."""
+    def rows_read_by_pooling(self, length: int, pool: str | None) -> int:
+        """How many leading rows of the last layer's output (`length` rows) pooling `pool` reads
+        (None: the backbone's own pooling; else one of config.POOLS)."""
 
     @abstractmethod
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and pooling of the last layer's output -> (B, num_features) pre-logits."""
+    def pool(self, x: torch.Tensor, prompts: int, pool: str | None) -> torch.Tensor:
+        """Final norm and pooling `pool` of the last layer's output, whose last `prompts` rows are
+        prompt outputs (when pooling reads that far) -> (B, num_features) pre-logits."""

@@ -2,8 +2,8 @@
 
 Its layout is the plain ViT's with a second prefix token: `_pos_embed` puts [CLS, distillation]
 ahead of the patches, so prompts (appended after everything) come after both, as the method doc
-asks. timm's own head averages the CLS and distillation outputs, so the last layer computes
-those two rows.
+asks. timm's own head averages the CLS and distillation outputs, so under the backbone's own
+pooling the last layer computes those two rows (prompt.pool "token" reads the CLS output alone).
 """
 from __future__ import annotations
 
@@ -17,5 +17,5 @@ from vpt_cli.models.vit import ViTAdapter
 class DistilledViTAdapter(ViTAdapter):
     family = "deit-distilled"
 
-    def rows_read_by_pooling(self, length: int) -> int:
+    def own_pooling_rows(self, length: int) -> int:
         return self.model.num_prefix_tokens

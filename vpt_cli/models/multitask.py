@@ -9,6 +9,8 @@ length or deep/shallow:
   padding that the plan's lengths mask out of attention and pooling. With one length, no mask.
 * Deep/shallow: before layers 1..L-1, deep samples get their layer's prompts; shallow samples
   keep the previous layer's prompt outputs (a per-sample select, exact).
+* Pooling: samples are pooled in groups of equal prompt length and pooling (prompt.pool), each
+  without its padding slots, and each sample keeps its own group's features.
 * Heads: all heads are stacked into one matrix (padded classes have weight 0 and bias -inf, so
   their probability is exactly 0); each sample keeps its own task's logits.
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vpt_cli.models.prompted import PromptPlan, PromptedViT, prompted_forward
+from vpt_cli.models.prompted import PromptPlan, PromptedViT, Readout, prompted_forward
 
 
 class MultiTaskViT(nn.Module):
@@ -44,6 +46,8 @@ class MultiTaskViT(nn.Module):
         deep = [task.deep and task.num_prompts > 0 for task in tasks]
         self.max_prompts = max(lengths)
         self.distinct_lengths = sorted(set(lengths))
+        task_readouts = [Readout(task.num_prompts, task.pool) for task in tasks]
+        self.readouts = list(dict.fromkeys(task_readouts))
         self.any_deep, self.all_deep = any(deep), all(deep)
         bank = torch.zeros(len(tasks), depth, self.max_prompts, width)
         num_classes = [task.head.out_features for task in tasks]
@@ -62,6 +66,7 @@ class MultiTaskViT(nn.Module):
         self.register_buffer("prompt_bank", bank)  # (T, L, max_prompts, D)
         self.register_buffer("prompt_lengths", torch.tensor(lengths))
         self.register_buffer("deep", torch.tensor(deep))
+        self.register_buffer("readout_of_task", torch.tensor([self.readouts.index(r) for r in task_readouts]))
         self.register_buffer("num_classes", torch.tensor(num_classes))
         self.register_buffer("head_weight", weight.flatten(0, 1))  # (T * max_classes, F)
         self.register_buffer("head_bias", bias.flatten())
@@ -86,8 +91,9 @@ class MultiTaskViT(nn.Module):
             return prompts if self.all_deep else torch.where(deep, prompts.to(previous.dtype), previous)
 
         return PromptPlan(slots=self.max_prompts, prompts_at=prompts_at, replaced_before=lambda layer: self.all_deep,
-                          lengths=self.prompt_lengths.index_select(0, task_index),
-                          distinct_lengths=self.distinct_lengths)
+                          readouts=self.readouts, lengths=self.prompt_lengths.index_select(0, task_index),
+                          distinct_lengths=self.distinct_lengths,
+                          readout_index=self.readout_of_task.index_select(0, task_index))
 
     def forward_features(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass."""

@@ -7,7 +7,7 @@ family adapter (vpt_cli.models.registry) says how to embed, run and pool it, and
 * prompts join the sequence after position embeddings are added, so they get none;
 * VPT-deep replaces the previous layer's prompt outputs with the next layer's own prompts;
 * no attention mask (a mixed-task batch masks only its padding); the backbone's own final norm
-  and pooling, then a new linear head.
+  and pooling (or the reading a task asks for, prompt.pool), then a new linear head.
 
 The single-task model, the mixed-task model (vpt_cli.models.multitask) and the token init all
 run `prompted_forward`; they differ only in the `PromptPlan` they hand it.
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vpt_cli.config import PromptConfig
+from vpt_cli.config import POOLS, PromptConfig
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.registry import adapter_for
 
@@ -32,6 +32,15 @@ LayerPrompts = Callable[[int, "torch.Tensor | None"], "torch.Tensor | None"]
 Observer = Callable[[int, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class Readout:
+    """How the last layer is read for a group of samples: their own prompt count (slots past it
+    are padding) and pooling (None: the backbone's own; else one of config.POOLS)."""
+
+    prompts: int
+    pool: str | None = None
+
+
 @dataclass
 class PromptPlan:
     """What the samples of one batch get: `slots` prompt rows after the sequence, filled per layer.
@@ -40,14 +49,17 @@ class PromptPlan:
     the layer before need not compute their outputs. `lengths` (B,) is each sample's own prompt
     count when samples differ; the slots past it are padding, hidden from attention by a key mask
     and left out of pooling. `distinct_lengths` lists the values `lengths` takes (a static list,
-    so the forward stays traceable for export).
+    so the forward stays traceable for export). `readouts` lists how samples are pooled (a static
+    list), `readout_index` (B,) picks each sample's when there are several.
     """
 
     slots: int
     prompts_at: LayerPrompts
     replaced_before: Callable[[int], bool]
+    readouts: list[Readout]
     lengths: torch.Tensor | None = None
     distinct_lengths: list[int] = field(default_factory=list)
+    readout_index: torch.Tensor | None = None
 
 
 def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptPlan | None = None,
@@ -60,10 +72,13 @@ def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptP
     the end, the rows nobody reads form a tail that layers skip: the prompt outputs a deep layer
     replaces, and everything but CLS in the last layer under CLS pooling.
     """
+    if plan is None:  # the plain backbone
+        plan = PromptPlan(slots=0, prompts_at=lambda layer, previous: None, replaced_before=lambda layer: False,
+                          readouts=[Readout(0)])
     x = adapter.embed(images)
     tokens = x.shape[1]
-    slots = plan.slots if plan is not None else 0
-    padded = plan is not None and plan.lengths is not None and len(plan.distinct_lengths) > 1
+    slots = plan.slots
+    padded = plan.lengths is not None and len(plan.distinct_lengths) > 1
     mask = _key_mask(plan.lengths, tokens, slots) if padded else None
     depth = adapter.depth
     for index in range(depth):
@@ -74,18 +89,16 @@ def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptP
         if observe is not None:
             observe(index, x[:, adapter.num_prefix_tokens:tokens])
         if index + 1 == depth:
-            rows = adapter.rows_read_by_pooling(x.shape[1])
+            rows = max(adapter.rows_read_by_pooling(x.shape[1], readout.pool) for readout in plan.readouts)
         elif slots and plan.replaced_before(index + 1):
             rows = tokens
         else:
             rows = x.shape[1]
         x = adapter.run_layer(index, x, rows, mask)
-    if not padded or x.shape[1] <= tokens:  # no padding among the rows pooling reads
-        return adapter.pool(x)
     pooled = None
-    for length in plan.distinct_lengths:  # pool each prompt length without its padding slots
-        own = adapter.pool(x[:, : tokens + length])
-        pooled = own if pooled is None else torch.where((plan.lengths == length)[:, None], own, pooled)
+    for number, readout in enumerate(plan.readouts):  # each group pooled without its padding slots
+        own = adapter.pool(x[:, : tokens + readout.prompts], readout.prompts, readout.pool)
+        pooled = own if pooled is None else torch.where((plan.readout_index == number)[:, None], own, pooled)
     return pooled
 
 
@@ -116,6 +129,16 @@ def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int
     return torch.stack(picks)
 
 
+def _check_pool(pool: str | None, prompts: int, backbone: nn.Module) -> None:
+    """Refuse a pooling the model cannot read: unknown, no CLS token to read, no prompts to average."""
+    if pool not in (None, *POOLS):
+        raise ValueError(f"unknown pooling '{pool}' (choose one of {', '.join(POOLS)})")
+    if pool == "token" and getattr(backbone, "cls_token", None) is None:
+        raise ValueError("pooling 'token' reads the CLS token, which this backbone has none of")
+    if pool == "avg-prompts" and not prompts:
+        raise ValueError("pooling 'avg-prompts' averages the prompt outputs, and this task has none")
+
+
 class PromptedViT(nn.Module):
     """A frozen timm backbone plus learned prompt tokens and a linear head.
 
@@ -142,6 +165,8 @@ class PromptedViT(nn.Module):
                 nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
             self.prompt_dropout = nn.Dropout(prompt.resolved_dropout)
         self.prompt_init = prompt.init if self.num_prompts else None
+        _check_pool(prompt.pool, self.num_prompts, backbone)
+        self.pool = prompt.pool
         self.head = nn.Linear(self.adapter.num_features, num_classes)
         self.train_backbone = prompt.method == "full"
         backbone.requires_grad_(self.train_backbone)
@@ -176,7 +201,7 @@ class PromptedViT(nn.Module):
         """This task's prompts for every sample of a batch of `batch`: the one-task case of the plan."""
         return PromptPlan(slots=self.num_prompts,
                           prompts_at=lambda layer, previous: self.layer_prompts(layer, batch),
-                          replaced_before=lambda layer: self.deep)
+                          replaced_before=lambda layer: self.deep, readouts=[Readout(self.num_prompts, self.pool)])
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logit features of the prompted backbone (what the head sees)."""
