@@ -24,6 +24,9 @@ FAMILIES = {
     "deit-distilled": BackboneConfig(name="deit_tiny_distilled_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS)),
     "eva": BackboneConfig(name="eva02_tiny_patch14_224", img_size=32, kwargs=dict(TINY_KWARGS)),
     "beit": BackboneConfig(name="beit_base_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS)),
+    # 8x8 patches in 4 shifted windows, then 4x4 and 2x2 after two patch mergings
+    "swin": BackboneConfig(name="swin_tiny_patch4_window7_224", img_size=32,
+                           kwargs=dict(embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4)),
 }
 # Variants of a family's position scheme that the re-computation covers too.
 VARIANTS = {
@@ -161,8 +164,63 @@ def beit_reference(backbone, prompts, images, deep):
     return backbone.fc_norm(backbone.norm(tokens)[:, 1:].mean(1))
 
 
+def swin_windows(grid, size):
+    """The (size*size, C) windows of an (H, W, C) grid, row by row (the shift mask's order)."""
+    height, width, channels = grid.shape
+    return [grid[i:i + size[0], j:j + size[1]].reshape(-1, channels)
+            for i in range(0, height, size[0]) for j in range(0, width, size[1])]
+
+
+def swin_block(block, grid, prompts):
+    """One Swin block for one image, [prompts, patches]: the normalised prompts are put in front
+    of every window; bias and shift mask are zero in their rows and columns; their outputs are
+    averaged over the windows; both residuals run over all tokens."""
+    (height, width, channels), n = grid.shape, len(prompts)
+    attn, size, shift = block.attn, block.window_size, block.shift_size
+    tokens = torch.cat([prompts, grid.reshape(-1, channels)])
+    normed = block.norm1(tokens)
+    shifted = torch.roll(normed[n:].reshape(height, width, channels), (-shift[0], -shift[1]), (0, 1))
+    area = size[0] * size[1]
+    table = attn.relative_position_bias_table[attn.relative_position_index.reshape(-1)]
+    bias = table.reshape(area, area, -1).permute(2, 0, 1)
+    prompt_outs, patch_out = [], torch.zeros_like(shifted)
+    for number, window in enumerate(swin_windows(shifted, size)):
+        full_bias = torch.zeros(attn.num_heads, n + area, n + area)
+        full_bias[:, n:, n:] = bias + (0 if block.attn_mask is None else block.attn_mask[number])
+        q, k, v = attn.qkv(torch.cat([normed[:n], window])).reshape(n + area, 3, attn.num_heads, -1).permute(1, 2, 0, 3)
+        out = attn.proj(((q @ k.transpose(-2, -1)) * attn.scale + full_bias).softmax(-1).matmul(v).transpose(0, 1).flatten(1))
+        prompt_outs.append(out[:n])
+        i, j = divmod(number, width // size[1])
+        patch_out[i * size[0]:(i + 1) * size[0], j * size[1]:(j + 1) * size[1]] = out[n:].reshape(*size, channels)
+    patch_out = torch.roll(patch_out, shift, (0, 1))
+    tokens = tokens + torch.cat([torch.stack(prompt_outs).mean(0), patch_out.reshape(-1, channels)])
+    tokens = tokens + block.mlp(block.norm2(tokens))
+    return tokens[n:].reshape(height, width, channels), tokens[:n]
+
+
+def swin_reference(backbone, prompts, images, deep):
+    """Image by image (each image's prompts join its own windows only): [prompts, patches]; at
+    each patch merging the prompts are repeated 4 times along the channels and go through its
+    norm and reduction; deep prompts replace every block's input prompts but the first; the final
+    norm over all tokens, then their mean, prompts included."""
+    features = []
+    for image in images:
+        grid, own, layer = backbone.patch_embed(image[None])[0], prompts[0], 0
+        for number, stage in enumerate(backbone.layers):
+            if number:
+                grid = stage.downsample(grid[None])[0]
+                own = stage.downsample.reduction(stage.downsample.norm(torch.cat([own] * 4, dim=-1)))
+            for block in stage.blocks:
+                if deep and layer:
+                    own = prompts[layer]
+                grid, own = swin_block(block, grid, own)
+                layer += 1
+        features.append(backbone.norm(torch.cat([own, grid.flatten(0, 1)])).mean(0))
+    return torch.stack(features)
+
+
 REFERENCES = {"deit-distilled": deit_reference, "eva": eva_reference, "beit": beit_reference,
-              "beit-shared-bias": beit_reference}
+              "beit-shared-bias": beit_reference, "swin": swin_reference}
 
 
 @pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow"])
@@ -172,9 +230,9 @@ def test_prompted_forward_matches_the_rule(family, method):
     model = prompted(backbone, PromptConfig(method=method, num_prompts=3))
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = REFERENCES[family](backbone, model.prompts, images, deep=method == "vpt-deep")
-        got = model.forward_features(images)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        for batch in (images, images[:1]):  # a batch of one, and images that share a batch
+            expected = REFERENCES[family](backbone, model.prompts, batch, deep=method == "vpt-deep")
+            torch.testing.assert_close(model.forward_features(batch), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", sorted(VARIANTS))

@@ -4,4 +4,4 @@ batches (`multitask.py`), and a family adapter per backbone family (`registry.py
 
 Importing the package registers the built-in adapters, so `registry.adapter_for` knows them.
 """
-from vpt_cli.models import beit, deit, eva, vit  # noqa: F401  (register their adapters)
+from vpt_cli.models import beit, deit, eva, swin, vit  # noqa: F401  (register their adapters)

@@ -25,28 +25,29 @@ class FamilyAdapter(ABC):
         self.model = model
 
     @property
-    @abstractmethod
     def width(self) -> int:
         """Token width at the first layer (the width of the first layer's prompts)."""
+        return self.layer_widths()[0]
 
     @abstractmethod
     def layer_widths(self) -> list[int]:
         """Token width at the input of every layer, in order (one deep prompt bank per layer)."""
 
+    # timm names these alike in every family; an adapter overrides what its family names otherwise.
     @property
-    @abstractmethod
     def num_features(self) -> int:
         """Width of the pooled features the head reads."""
+        return self.model.num_features
 
     @property
-    @abstractmethod
     def patch_size(self) -> int:
         """Side of a square input patch in pixels (the paper's prompt init bound uses it)."""
+        return self.model.patch_embed.patch_size[0]
 
     @property
-    @abstractmethod
     def num_patches(self) -> int:
         """Patch tokens at the model's input size (the auto prompt-count rule scales with it)."""
+        return self.model.patch_embed.num_patches
 
     @property
     @abstractmethod

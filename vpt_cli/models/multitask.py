@@ -41,7 +41,7 @@ class MultiTaskViT(nn.Module):
             raise ValueError("every task model must be built on the shared backbone")
         self.backbone = backbone
         self.adapter = tasks[0].adapter
-        depth, width = self.adapter.depth, self.adapter.width
+        depth, self.widths = self.adapter.depth, self.adapter.layer_widths()
         lengths = [task.num_prompts for task in tasks]
         deep = [task.deep and task.num_prompts > 0 for task in tasks]
         self.max_prompts = max(lengths)
@@ -49,7 +49,7 @@ class MultiTaskViT(nn.Module):
         task_readouts = [Readout(task.num_prompts, task.pool) for task in tasks]
         self.readouts = list(dict.fromkeys(task_readouts))
         self.any_deep, self.all_deep = any(deep), all(deep)
-        bank = torch.zeros(len(tasks), depth, self.max_prompts, width)
+        bank = torch.zeros(len(tasks), depth, self.max_prompts, max(self.widths))  # zero-padded past a layer's width
         num_classes = [task.head.out_features for task in tasks]
         self.max_classes = max(num_classes)
         weight = torch.zeros(len(tasks), self.max_classes, self.adapter.num_features)
@@ -60,10 +60,10 @@ class MultiTaskViT(nn.Module):
                 for layer in range(depth if task.deep else 1):
                     tokens = task.layer_prompts(layer, 1) if task.num_prompts else None
                     if tokens is not None:
-                        bank[t, layer, : task.num_prompts] = tokens[0]
+                        bank[t, layer, : task.num_prompts, : self.widths[layer]] = tokens[0]
                 weight[t, : num_classes[t]] = task.head.weight
                 bias[t, : num_classes[t]] = task.head.bias
-        self.register_buffer("prompt_bank", bank)  # (T, L, max_prompts, D)
+        self.register_buffer("prompt_bank", bank)  # (T, L, max_prompts, max width)
         self.register_buffer("prompt_lengths", torch.tensor(lengths))
         self.register_buffer("deep", torch.tensor(deep))
         self.register_buffer("readout_of_task", torch.tensor([self.readouts.index(r) for r in task_readouts]))
@@ -102,7 +102,7 @@ class MultiTaskViT(nn.Module):
     def _layer_prompts(self, layer: int, task_index: torch.Tensor) -> torch.Tensor:
         """(B, slots, D): each sample's task prompts for `layer`, gathered one layer at a time (a
         whole-bank gather copies L times more and hits a slow CPU index_select path)."""
-        return self.prompt_bank[:, layer].index_select(0, task_index)
+        return self.prompt_bank[:, layer, :, : self.widths[layer]].index_select(0, task_index)
 
     def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """(B, max_classes) logits of each sample's own task; padded classes are -inf."""

@@ -76,16 +76,17 @@ def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptP
         plan = PromptPlan(slots=0, prompts_at=lambda layer, previous: None, replaced_before=lambda layer: False,
                           readouts=[Readout(0)])
     x = adapter.embed(images)
-    tokens = x.shape[1]
     slots = plan.slots
     padded = plan.lengths is not None and len(plan.distinct_lengths) > 1
-    mask = _key_mask(plan.lengths, tokens, slots) if padded else None
+    prompt_rows = 0  # prompt rows at the end of x
     depth = adapter.depth
     for index in range(depth):
+        tokens = x.shape[1] - prompt_rows  # constant in a ViT; patch merging shrinks it in Swin
         if slots:
             prompts = plan.prompts_at(index, x[:, tokens:] if index else None)
             if prompts is not None:
                 x = torch.cat([x[:, :tokens], prompts.to(x.dtype)], dim=1)
+                prompt_rows = slots
         if observe is not None:
             observe(index, x[:, adapter.num_prefix_tokens:tokens])
         if index + 1 == depth:
@@ -94,7 +95,10 @@ def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptP
             rows = tokens
         else:
             rows = x.shape[1]
-        x = adapter.run_layer(index, x, rows, mask)
+        if rows < x.shape[1]:
+            prompt_rows = 0
+        x = adapter.run_layer(index, x, rows, _key_mask(plan.lengths, tokens, slots) if padded else None)
+    tokens = x.shape[1] - prompt_rows
     pooled = None
     for number, readout in enumerate(plan.readouts):  # each group pooled without its padding slots
         own = adapter.pool(x[:, : tokens + readout.prompts], readout.prompts, readout.pool)
@@ -114,8 +118,8 @@ def prompt_init_bound(patch_size: int, prompt_dim: int) -> float:
 
 
 @torch.no_grad()
-def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int, count: int) -> torch.Tensor:
-    """(depth, count, D): for each of the first `depth` layers, `count` patch tokens of its input in
+def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int, count: int) -> list[torch.Tensor]:
+    """For each of the first `depth` layers, (count, D_layer): `count` patch tokens of its input in
     the plain (unprompted) forward of `images`, each from a random image and position."""
     picks: list[torch.Tensor] = []
 
@@ -126,7 +130,7 @@ def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int
             picks.append(patches[image, position])
 
     prompted_forward(adapter, images, observe=pick)
-    return torch.stack(picks)
+    return picks
 
 
 def _check_pool(pool: str | None, prompts: int, backbone: nn.Module) -> None:
@@ -143,8 +147,10 @@ class PromptedViT(nn.Module):
     """A frozen timm backbone plus learned prompt tokens and a linear head.
 
     `prompts` has shape (L, N, d) for VPT-deep and (1, N, d) for VPT-shallow, d being the
-    projection input size when `proj_dim` > 0 and the backbone width otherwise. The baselines
-    share the class: `linear` has no prompts, `full` also unfreezes the backbone.
+    projection input size when `proj_dim` > 0 and the backbone width otherwise. A backbone whose
+    width changes by stage (Swin) gets one (N, D_layer) tensor per layer instead, in a
+    ParameterList; `prompts[layer]` reads either. The baselines share the class: `linear` has no
+    prompts, `full` also unfreezes the backbone.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, prompt: PromptConfig):
@@ -158,7 +164,15 @@ class PromptedViT(nn.Module):
             prompt_dim = prompt.proj_dim or width
             depth = self.adapter.depth if self.deep else 1
             bound = prompt_init_bound(self.adapter.patch_size, prompt_dim)
-            self.prompts = nn.Parameter(torch.empty(depth, self.num_prompts, prompt_dim).uniform_(-bound, bound))
+            widths = self.adapter.layer_widths()[:depth]
+            if len(set(widths)) == 1:
+                self.prompts = nn.Parameter(torch.empty(depth, self.num_prompts, prompt_dim).uniform_(-bound, bound))
+            elif prompt.proj_dim:
+                raise ValueError(f"a prompt projection needs one width at every layer, and {self.adapter.family} "
+                                 "changes width by stage")
+            else:  # the first stage's bound for every stage, as the reference inits Swin
+                self.prompts = nn.ParameterList(
+                    nn.Parameter(torch.empty(self.num_prompts, w).uniform_(-bound, bound)) for w in widths)
             self.prompt_proj: nn.Module = nn.Identity()
             if prompt.proj_dim:
                 self.prompt_proj = nn.Linear(prompt.proj_dim, width)
@@ -184,11 +198,13 @@ class PromptedViT(nn.Module):
         starting features, and the probe head fitted on them, stay close to the unprompted
         backbone's, where the paper's uniform init costs a few points before training starts
         (README, "Defaults")."""
-        if self.prompts.shape[-1] != self.adapter.width:
+        widths = self.adapter.layer_widths()
+        if any(self.prompts[layer].shape[-1] != widths[layer] for layer in range(len(self.prompts))):
             raise ValueError("token init needs prompts in the backbone's width (no projection)")
-        tokens = sample_patch_tokens(self.adapter, images, self.prompts.shape[0], self.num_prompts)
+        tokens = sample_patch_tokens(self.adapter, images, len(self.prompts), self.num_prompts)
         with torch.no_grad():
-            self.prompts.copy_(tokens)
+            for layer, picked in enumerate(tokens):
+                self.prompts[layer].copy_(picked)
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
         """Projected prompts for `layer`, expanded per sample, then dropped out per sample."""

@@ -24,24 +24,8 @@ class ViTAdapter(FamilyAdapter):
     family = "vit"
     model: VisionTransformer
 
-    @property
-    def width(self) -> int:
-        return self.model.embed_dim
-
     def layer_widths(self) -> list[int]:
         return [self.model.embed_dim] * len(self.model.blocks)
-
-    @property
-    def num_features(self) -> int:
-        return self.model.num_features
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.patch_embed.patch_size[0]
-
-    @property
-    def num_patches(self) -> int:
-        return self.model.patch_embed.num_patches
 
     @property
     def num_prefix_tokens(self) -> int:
