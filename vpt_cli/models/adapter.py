@@ -65,6 +65,8 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def run_layer(self, index: int, x: torch.Tensor, rows: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Layer `index` on `x`, returning only its first `rows` output rows (the rest are unread).
+        A layer that ends with patch merging (Swin) returns the merged rows: all of them, or the
+        patches alone when `rows` leaves out the prompt tail.
 
         `attn_mask` (B, 1, 1, tokens), True where a key may be attended, hides padded prompt
         slots of a mixed-task batch."""

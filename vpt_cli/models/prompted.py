@@ -70,7 +70,8 @@ def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptP
     no position and nothing is masked, so attention treats tokens as a set and the paper's
     [prefix, prompts, patches] order gives the same numbers up to float summation order. Kept at
     the end, the rows nobody reads form a tail that layers skip: the prompt outputs a deep layer
-    replaces, and everything but CLS in the last layer under CLS pooling.
+    replaces, and everything but CLS in the last layer under CLS pooling. The number of rows
+    ahead of the prompts is taken afresh at every layer, as patch merging (Swin) shrinks it.
     """
     if plan is None:  # the plain backbone
         plan = PromptPlan(slots=0, prompts_at=lambda layer, previous: None, replaced_before=lambda layer: False,
