@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from vpt_cli import api
 from vpt_cli.backbones import create_backbone
+from vpt_cli.cli import app
 from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
+from vpt_cli.errors import BackboneError
 from vpt_cli.export import export_model
 from vpt_cli.inference import load_for_inference
 from vpt_cli.models.multitask import MultiTaskViT
@@ -273,3 +276,14 @@ def test_family_trains_evaluates_mixes_and_exports(family, tmp_path):
     for model, name in ((loaded.model, "single.onnx"), (mixed, "bundle.onnx")):
         exported = export_model(model, 32, "onnx", tmp_path / name)
         assert exported.checked_with.startswith("onnxruntime") and exported.max_abs_diff < 1e-4
+
+
+def test_hybrids_are_refused_in_one_line_before_weights_are_read(tmp_path):
+    unreadable = tmp_path / "weights.safetensors"
+    unreadable.write_bytes(b"not weights")  # reading it would fail with another message
+    hybrid = BackboneConfig(name="vit_small_r26_s32_224", weights=str(unreadable), kwargs=dict(depth=1))
+    with pytest.raises(BackboneError, match="HybridEmbed stem .* not supported"):
+        create_backbone(hybrid)
+    result = CliRunner().invoke(app, ["train", str(SAMPLE), "--backbone", hybrid.name, "--backbone-arg", "depth=1",
+                                      "--backbone-weights", str(unreadable)])
+    assert result.exit_code == 4 and "hybrid" in result.output and "Traceback" not in result.output
