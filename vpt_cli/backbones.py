@@ -151,7 +151,8 @@ def read_state_dict(path: Path) -> StateDict:
         elif name.endswith(_PICKLE_SUFFIXES):
             saved = torch.load(str(path), map_location="cpu", weights_only=True)
         else:
-            raise BackboneError(f"unsupported weights file type '{path.suffix}' (use one of {', '.join(WEIGHT_SUFFIXES)})")
+            raise BackboneError(f"unsupported weights file type '{path.suffix}' "
+                                f"(use one of {', '.join(WEIGHT_SUFFIXES)})")
     except BackboneError:
         raise
     except Exception as exc:

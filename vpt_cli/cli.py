@@ -56,7 +56,7 @@ ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
 
 
 _DEFAULTS = RunConfig()
-_DEFAULT_POOL = _DEFAULTS.prompt.pool or f"the backbone's own; avg for {', '.join(f'.{tag}' for tag in AVG_POOLED_TAGS)} tags"
+_DEFAULT_POOL = _DEFAULTS.prompt.pool or f"the backbone's own; avg for .{', .'.join(AVG_POOLED_TAGS)} tags"
 _SWEEP = SweepConfig()
 
 

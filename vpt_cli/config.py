@@ -183,7 +183,8 @@ class RunConfig:
         if self.prompt.pool is not None:
             _check_choice("prompt.pool", self.prompt.pool, POOLS)
         if self.prompt.pool == "avg-prompts" and not self.prompt.method.startswith("vpt"):
-            raise UsageError(f"--pool avg-prompts averages prompt outputs, which --method {self.prompt.method} has none of")
+            raise UsageError(f"--pool avg-prompts averages prompt outputs, which --method {self.prompt.method} "
+                             "has none of")
         if self.prompt.init == "tokens" and self.prompt.proj_dim:
             raise UsageError("prompt.init 'tokens' copies backbone tokens, which a prompt projection (proj_dim) "
                              "cannot take; set prompt.init: uniform to use one")

@@ -80,20 +80,15 @@ def _window_attention(block: SwinTransformerBlock, x: torch.Tensor, key_mask: to
     shift, window = block.shift_size, block.window_size
     if any(shift):
         grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    grid = F.pad(grid, (0, 0, 0, (window[1] - width % window[1]) % window[1], 0, (window[0] - height % window[0]) % window[0]))
+    pad_height, pad_width = (-height) % window[0], (-width) % window[1]  # timm pads up to whole windows
+    grid = F.pad(grid, (0, 0, 0, pad_width, 0, pad_height))
     padded_height, padded_width = grid.shape[1], grid.shape[2]
     windows = window_partition(grid, window).reshape(-1, block.window_area, channels)  # image-major
     count = windows.shape[0] // batch
-    copies = x[:, height * width:, None].expand(-1, -1, count, -1).transpose(1, 2).reshape(batch * count, prompts, channels)
+    copies = x[:, height * width:, None].expand(-1, -1, count, -1).transpose(1, 2)
+    copies = copies.reshape(batch * count, prompts, channels)
     tokens = torch.cat([copies, windows], dim=1)
-    bias = F.pad(attn._get_rel_pos_bias(), (prompts, 0, prompts, 0))  # (1, heads, N + area, N + area)
-    shift_mask = block.get_attn_mask(grid) if getattr(block, "dynamic_mask", False) else block.attn_mask
-    if shift_mask is not None:  # (windows, area, area), repeated for each image
-        bias = bias + F.pad(shift_mask, (prompts, 0, prompts, 0)).repeat(batch, 1, 1)[:, None]
-    if key_mask is not None:  # a mixed-task batch: each image's padded prompt slots, in every window
-        own = key_mask[..., height * width:].repeat_interleave(count, dim=0)
-        bias = torch.where(torch.cat([own, own.new_ones(own.shape[:-1] + (block.window_area,))], dim=-1),
-                           bias, float("-inf"))
+    bias = _window_bias(block, grid, prompts, count, None if key_mask is None else key_mask[..., height * width:])
     qkv = attn.qkv(tokens).reshape(tokens.shape[0], tokens.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     dropout = attn.attn_drop.p if attn.training else 0.0
@@ -105,6 +100,23 @@ def _window_attention(block: SwinTransformerBlock, x: torch.Tensor, key_mask: to
     if any(shift):
         grid = torch.roll(grid, shifts=shift, dims=(1, 2))
     return torch.cat([grid.reshape(batch, height * width, channels), prompt_out], dim=1)
+
+
+def _window_bias(block: SwinTransformerBlock, grid: torch.Tensor, prompts: int, count: int,
+                 prompt_keys: torch.Tensor | None) -> torch.Tensor:
+    """Additive attention bias over [prompts, window] for the `count` windows of every image in
+    the shifted, padded `grid`: the relative position bias and the shift mask, both zero in the
+    prompt rows and columns, and -inf for the padded prompt slots (`prompt_keys` (B, 1, 1, N),
+    False there) of a mixed-task batch."""
+    bias = F.pad(block.attn._get_rel_pos_bias(), (prompts, 0, prompts, 0))  # (1, heads, N + area, N + area)
+    shift_mask = block.get_attn_mask(grid) if getattr(block, "dynamic_mask", False) else block.attn_mask
+    if shift_mask is not None:  # (windows, area, area), repeated for each image
+        bias = bias + F.pad(shift_mask, (prompts, 0, prompts, 0)).repeat(grid.shape[0], 1, 1)[:, None]
+    if prompt_keys is None:
+        return bias
+    keys = prompt_keys.repeat_interleave(count, dim=0)  # image-major, like the windows
+    keys = torch.cat([keys, keys.new_ones(keys.shape[:-1] + (block.window_area,))], dim=-1)
+    return torch.where(keys, bias, float("-inf"))
 
 
 def _merge(merging: nn.Module, x: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
