@@ -14,7 +14,7 @@ from vpt_cli import api
 from vpt_cli.backbones import create_backbone
 from vpt_cli.cli import app
 from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
-from vpt_cli.errors import BackboneError
+from vpt_cli.errors import BackboneError, UsageError
 from vpt_cli.export import export_model
 from vpt_cli.inference import load_for_inference
 from vpt_cli.models.multitask import MultiTaskViT
@@ -276,6 +276,21 @@ def test_family_trains_evaluates_mixes_and_exports(family, tmp_path):
     for model, name in ((loaded.model, "single.onnx"), (mixed, "bundle.onnx")):
         exported = export_model(model, 32, "onnx", tmp_path / name)
         assert exported.checked_with.startswith("onnxruntime") and exported.max_abs_diff < 1e-4
+
+
+def test_swin_refuses_what_it_cannot_read(tmp_path):
+    """No CLS token to pool, and no one width for a prompt projection: exit 2, not a crash."""
+    swin = tiny("swin")
+    with pytest.raises(UsageError, match="changes width by stage"):
+        PromptedViT(swin, 3, PromptConfig(num_prompts=2, proj_dim=8, init="uniform"))
+    weights = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in swin.state_dict().items()}, str(weights))
+    config = FAMILIES["swin"]
+    result = CliRunner().invoke(app, ["train", str(SAMPLE), "--backbone", config.name, "--img-size", "32",
+                                      "--backbone-weights", str(weights), "--pool", "token", "--epochs", "1",
+                                      *[f"--backbone-arg={k}={list(v) if isinstance(v, tuple) else v}"
+                                        for k, v in config.kwargs.items()]])
+    assert result.exit_code == 2 and "CLS token" in result.output, result.output
 
 
 def test_hybrids_are_refused_in_one_line_before_weights_are_read(tmp_path):

@@ -100,7 +100,7 @@ def test_pool_is_validated(tiny_weights):
     with pytest.raises(UsageError, match="avg-prompts"):
         load_config(overrides={"prompt.pool": "avg-prompts", "prompt.method": "linear"})
     no_cls = create_backbone(tiny_config(kwargs=dict(class_token=False, global_pool="avg")), pretrained=False).model
-    with pytest.raises(ValueError, match="CLS token"):
+    with pytest.raises(UsageError, match="CLS token"):
         PromptedViT(no_cls, 3, PromptConfig(num_prompts=2, pool="token"))
     result = CliRunner().invoke(app, ["train", str(SAMPLE), "--backbone-weights", str(tiny_weights), "--pool", "max"])
     assert result.exit_code == 2

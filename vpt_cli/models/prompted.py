@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vpt_cli.config import POOLS, PromptConfig
+from vpt_cli.errors import UsageError
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.registry import adapter_for
 
@@ -135,13 +136,14 @@ def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int
 
 
 def _check_pool(pool: str | None, prompts: int, backbone: nn.Module) -> None:
-    """Refuse a pooling the model cannot read: unknown, no CLS token to read, no prompts to average."""
+    """Refuse a pooling the model cannot read (unknown, no CLS token to read, no prompts to
+    average): a setting that does not fit the backbone, which config validation cannot see."""
     if pool not in (None, *POOLS):
-        raise ValueError(f"unknown pooling '{pool}' (choose one of {', '.join(POOLS)})")
+        raise UsageError(f"unknown pooling '{pool}' (choose one of {', '.join(POOLS)})")
     if pool == "token" and getattr(backbone, "cls_token", None) is None:
-        raise ValueError("pooling 'token' reads the CLS token, which this backbone has none of")
+        raise UsageError(f"--pool token reads the CLS token, which {type(backbone).__name__} has none of")
     if pool == "avg-prompts" and not prompts:
-        raise ValueError("pooling 'avg-prompts' averages the prompt outputs, and this task has none")
+        raise UsageError("--pool avg-prompts averages the prompt outputs, and this task has none")
 
 
 class PromptedViT(nn.Module):
@@ -169,8 +171,8 @@ class PromptedViT(nn.Module):
             if len(set(widths)) == 1:
                 self.prompts = nn.Parameter(torch.empty(depth, self.num_prompts, prompt_dim).uniform_(-bound, bound))
             elif prompt.proj_dim:
-                raise ValueError(f"a prompt projection needs one width at every layer, and {self.adapter.family} "
-                                 "changes width by stage")
+                raise UsageError(f"a prompt projection (proj_dim) needs one width at every layer, and "
+                                 f"{self.adapter.family} changes width by stage")
             else:  # the first stage's bound for every stage, as the reference inits Swin
                 self.prompts = nn.ParameterList(
                     nn.Parameter(torch.empty(self.num_prompts, w).uniform_(-bound, bound)) for w in widths)
