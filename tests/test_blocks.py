@@ -80,8 +80,10 @@ def test_skipped_rows_cost_nothing_and_other_blocks_fall_back():
 def test_pooling_decides_the_last_block_rows():
     token = create_backbone(tiny_config(), pretrained=False).model
     avg = create_backbone(tiny_config(kwargs=dict(class_token=False, global_pool="avg")), pretrained=False).model
-    assert adapter_for(token).rows_read_by_pooling(21) == 1
-    assert adapter_for(avg).rows_read_by_pooling(21) == 21
+    assert adapter_for(token).rows_read_by_pooling(21, None) == 1
+    assert adapter_for(avg).rows_read_by_pooling(21, None) == 21
+    assert adapter_for(token).rows_read_by_pooling(21, "avg-patches") == 21  # a task's own pooling wins
+    assert adapter_for(avg).rows_read_by_pooling(21, "token") == 1
 
 
 def test_deep_prompts_skip_the_rows_they_replace(tiny_backbone):

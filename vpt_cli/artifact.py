@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from vpt_cli.config import METHODS, PROMPT_INITS, PromptConfig
+from vpt_cli.config import METHODS, POOLS, PROMPT_INITS, PromptConfig
 from vpt_cli.errors import TaskError, one_line
 from vpt_cli.fileio import write_bytes
 from vpt_cli.home import NAME_PATTERN, TASK_SUFFIX, check_task_name, task_lock, tasks_dir
@@ -40,6 +40,7 @@ _MAX_PROMPTS = 1024
 _MAX_PARAMS = 3.5e8  # ~ViT-L: backbone_kwargs in a task file cannot make us build a bigger model
 _BACKBONE_NAME = re.compile(r"^[a-z0-9_]{1,100}(\.[A-Za-z0-9_-]{1,60})?$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
+_LAYER_PROMPTS = re.compile(r"^prompts\.[0-9]{1,3}$")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
 _CROP_MODES = ("center", "squash", "border")
 _TENSOR_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -315,6 +316,7 @@ def _check_prompt(prompt: Any) -> None:
         _float_in("prompt.dropout", prompt["dropout"], 0.0, 0.99)
     _int_in("prompt.proj_dim", prompt.get("proj_dim", 0), 0, 4096)
     _require(prompt.get("init", "tokens") in PROMPT_INITS, f"prompt.init must be one of {', '.join(PROMPT_INITS)}")
+    _require(prompt.get("pool") in (None, *POOLS), f"prompt.pool must be one of {', '.join(POOLS)} or null")
     for key, value in prompt.items():  # fields added later: plain short values only
         _require(value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 32),
                  f"prompt.{key} has an unusable value")
@@ -366,7 +368,7 @@ def _check_tensor_entries(info: TaskInfo, entries: dict[str, Any]) -> None:
     method = info.prompt["method"]
     allowed = {"prompts", "prompt_proj.weight", "prompt_proj.bias", "head.weight", "head.bias"}
     for name, entry in entries.items():
-        _require(name in allowed or (method == "full" and name.startswith("backbone.")),
+        _require(name in allowed or bool(_LAYER_PROMPTS.match(name)) or (method == "full" and name.startswith("backbone.")),
                  f"unexpected tensor {name[:60]!r} for a {method} task")
         _require(isinstance(entry, dict) and entry.get("dtype") in _TENSOR_DTYPES,
                  f"tensor {name[:60]} must be a float tensor ({', '.join(_TENSOR_DTYPES)})")
@@ -375,10 +377,17 @@ def _check_tensor_entries(info: TaskInfo, entries: dict[str, Any]) -> None:
     _require(isinstance(shape.get("head.weight"), list) and len(shape["head.weight"]) == 2
              and shape["head.weight"][0] == classes, f"head.weight must have one row per class ({classes})")
     _require(shape.get("head.bias") == [classes], f"head.bias must have one entry per class ({classes})")
-    if method.startswith("vpt"):
+    count = info.prompt.get("num_prompts")
+    per_layer = sorted((int(name.split(".")[1]), shape[name]) for name in shape if _LAYER_PROMPTS.match(name))
+    if method.startswith("vpt") and per_layer:  # backbones whose width changes by stage (Swin)
+        _require("prompts" not in shape and [layer for layer, _ in per_layer] == list(range(len(per_layer)))
+                 and all(isinstance(s, list) and len(s) == 2 and s[0] == count for _, s in per_layer)
+                 and (method == "vpt-deep" or len(per_layer) == 1),
+                 f"prompts.0, prompts.1, ... must each have shape ({count}, width) for {method}")
+    elif method.startswith("vpt"):
         prompts = shape.get("prompts")
-        _require(isinstance(prompts, list) and len(prompts) == 3 and prompts[1] == info.prompt["num_prompts"]
+        _require(isinstance(prompts, list) and len(prompts) == 3 and prompts[1] == count
                  and prompts[0] >= 1 and (method == "vpt-deep" or prompts[0] == 1),
-                 f"prompts must have shape (layers, {info.prompt['num_prompts']}, width) for {method}")
+                 f"prompts must have shape (layers, {count}, width) for {method}")
     else:
-        _require("prompts" not in shape, f"a {method} task holds no prompts")
+        _require("prompts" not in shape and not per_layer, f"a {method} task holds no prompts")

@@ -2,9 +2,11 @@
 
 Weights come from timm's own hub code (what users run online) or from a local file
 (`--backbone-weights`, first-class for offline machines). Local files are read without
-unpickling arbitrary objects: safetensors directly, npz through numpy, .pth/.pt/.bin through
-`torch.load(weights_only=True)`. timm's per-model checkpoint filter then adapts the keys and
-resamples position embeddings for another image size, exactly as timm does for its own downloads.
+unpickling arbitrary objects: safetensors directly, npz through numpy, .pth/.pt/.bin/.ckpt and
+.pth.tar (MoCo v3's release) through `torch.load(weights_only=True)`. Other training code's
+layouts are converted (vpt_cli.models.checkpoints), then timm's per-model checkpoint filter adapts
+the keys and resamples position embeddings for another image size, exactly as timm does for its
+own downloads.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ from torch import nn
 from vpt_cli.config import BackboneConfig
 from vpt_cli.errors import BackboneError, one_line
 from vpt_cli.models.adapter import FamilyAdapter
+from vpt_cli.models.checkpoints import StateDict, convert_checkpoint, model_tensors
 from vpt_cli.models.registry import adapter_for
 
 HUB_HOST = "huggingface.co"
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
-WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+_PICKLE_SUFFIXES = WEIGHT_SUFFIXES[2:]  # read by torch.load(weights_only=True)
 
 
 @dataclass
@@ -134,38 +138,28 @@ def _hub_session(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved_offline
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> StateDict:
     """Tensors of a local checkpoint, unwrapped from common training-script containers."""
     if not path.is_file():
         raise BackboneError(f"--backbone-weights file not found: {path}")
-    suffix = path.suffix.lower()
+    name = path.name.lower()
     try:
-        if suffix == ".safetensors":
+        if name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            saved = load_file(str(path))
+        elif name.endswith(_PICKLE_SUFFIXES):
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
         else:
-            raise BackboneError(f"unsupported weights file type '{suffix}' (use one of {', '.join(WEIGHT_SUFFIXES)})")
+            raise BackboneError(f"unsupported weights file type '{path.suffix}' "
+                                f"(use one of {', '.join(WEIGHT_SUFFIXES)})")
     except BackboneError:
         raise
     except Exception as exc:
         raise BackboneError(f"cannot read weights file {path}: {one_line(exc)}") from None
-    return _unwrap(state)
-
-
-def _unwrap(state: Any) -> dict[str, torch.Tensor]:
-    """Find the model tensors in {'state_dict': ...}/{'model': ...} and strip DDP/MoCo prefixes."""
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
+    state = model_tensors(saved)
+    if state is None:
         raise BackboneError("weights file holds no state dict")
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    for prefix in ("module.base_encoder.", "base_encoder.", "module."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -179,7 +173,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         except Exception as exc:
             raise BackboneError(f"cannot load npz weights {path}: {one_line(exc)}") from None
         return
-    state = read_state_dict(path)
+    state = convert_checkpoint(read_state_dict(path), model)
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:

@@ -21,9 +21,9 @@ import typer
 from rich.console import Console
 
 from vpt_cli import __version__
-from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, DEEP_PROMPT_DROPOUT,
-                            DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, PROMPT_INITS, SELECTS,
-                            SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig, SweepConfig)
+from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, AVG_POOLED_TAGS,
+                            DEEP_PROMPT_DROPOUT, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, POOLS,
+                            PROMPT_INITS, SELECTS, SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig, SweepConfig)
 from vpt_cli.errors import Terminated, UsageError, VPTError, one_line
 from vpt_cli.safetext import printable, safe
 
@@ -55,11 +55,13 @@ Augment = _choices("Augment", AUGMENTS)
 Device = _choices("Device", DEVICES)
 Select = _choices("Select", SELECTS)
 PromptInit = _choices("PromptInit", PROMPT_INITS)
+Pool = _choices("Pool", POOLS)
 OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
 ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
 
 
 _DEFAULTS = RunConfig()
+_DEFAULT_POOL = _DEFAULTS.prompt.pool or f"the backbone's own; avg for .{', .'.join(AVG_POOLED_TAGS)} tags"
 _SWEEP = SweepConfig()
 
 
@@ -252,6 +254,7 @@ def train(
     prompts: Annotated[Optional[int], typer.Option("--prompts", help=f"Prompt tokens per layer. {_default(f'auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px')}")] = None,
     prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {_default(f'{DEEP_PROMPT_DROPOUT} deep, 0.0 shallow')}")] = None,
     prompt_init: Annotated[Optional[PromptInit], typer.Option(help=f"How prompts start: tokens (patch tokens the frozen backbone sees at each layer, from {TOKEN_INIT_IMAGES} training images) or uniform (the paper's random init). {_default(_DEFAULTS.prompt.init)}")] = None,
+    pool: Annotated[Optional[Pool], typer.Option(help=f"How the last layer becomes features: token (the CLS output), avg (the mean of every token after the prefix, prompts included, then fc_norm; MAE and MoCo v3 in the paper), avg-patches or avg-prompts (the mean of those only). {_default(_DEFAULT_POOL)}")] = None,
     epochs: EpochsOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step. {_default(_DEFAULTS.train.batch_size)}")] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help=f"adamw (tuned for small folders) or sgd (the paper's recipe). {_default(_DEFAULTS.train.optimizer)}")] = None,
@@ -289,6 +292,7 @@ def train(
                                       seed=seed, device=device, workers=workers)
         overrides.update({
             "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "prompt.init": _value(prompt_init),
+            "prompt.pool": _value(pool),
             "train.batch_size": batch_size,
             "train.optimizer": _value(optimizer), "train.lr": lr, "train.head_lr": head_lr,
             "train.weight_decay": weight_decay, "data.val_split": val_split, "data.augment": _value(augment),

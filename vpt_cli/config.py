@@ -22,6 +22,12 @@ AUGMENTS = ("none", "flip", "crop")
 AUTO_PROMPT_FRACTION = 0.05  # of the patch tokens: the paper's 10 prompts at 224 px / 196 patches
 HEAD_INITS = ("probe", "zeros")
 PROMPT_INITS = ("tokens", "uniform")
+# The reference's readings of the last layer (vpt-method.md, "Pooling variants"); None in the
+# config means the backbone's own pooling.
+POOLS = ("token", "avg", "avg-patches", "avg-prompts")
+# Checkpoints pretrained without a CLS objective, pooled by averaging in the reference code: a
+# backbone whose timm tag is one of these defaults to prompt.pool "avg".
+AVG_POOLED_TAGS = ("mae",)
 TOKEN_INIT_IMAGES = 32  # training images whose patch tokens seed the prompts (prompt.init "tokens")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SELECTS = ("auto", "best", "last")
@@ -54,6 +60,7 @@ class PromptConfig:
     dropout: float | None = None  # None = DEEP_PROMPT_DROPOUT for vpt-deep, 0.0 otherwise
     proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
     init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
+    pool: str | None = None  # None = the backbone's own (avg for MAE tags) | token | avg | avg-patches | avg-prompts
 
     @property
     def deep(self) -> bool:
@@ -72,6 +79,12 @@ class PromptConfig:
         """Fill in an 'auto' (None) prompt count for a backbone with `num_patches` patch tokens."""
         if self.num_prompts is None:
             self.num_prompts = auto_num_prompts(num_patches)
+
+    def resolve_pool(self, backbone_name: str) -> None:
+        """Fill in the pooling the reference uses for this checkpoint when none was asked for, so
+        the saved config (and the task file) records it: average pooling for MAE tags."""
+        if self.pool is None and backbone_name.partition(".")[2] in AVG_POOLED_TAGS:
+            self.pool = "avg"
 
     @property
     def resolved_dropout(self) -> float:
@@ -167,6 +180,11 @@ class RunConfig:
         _check_choice("data.augment", self.data.augment, AUGMENTS)
         _check_choice("train.head_init", self.train.head_init, HEAD_INITS)
         _check_choice("prompt.init", self.prompt.init, PROMPT_INITS)
+        if self.prompt.pool is not None:
+            _check_choice("prompt.pool", self.prompt.pool, POOLS)
+        if self.prompt.pool == "avg-prompts" and not self.prompt.method.startswith("vpt"):
+            raise UsageError(f"--pool avg-prompts averages prompt outputs, which --method {self.prompt.method} "
+                             "has none of")
         if self.prompt.init == "tokens" and self.prompt.proj_dim:
             raise UsageError("prompt.init 'tokens' copies backbone tokens, which a prompt projection (proj_dim) "
                              "cannot take; set prompt.init: uniform to use one")

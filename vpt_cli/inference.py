@@ -51,8 +51,8 @@ def load_for_inference(task: str | Path, backbone_weights: str | None = None, de
 
 def task_model(backbone: torch.nn.Module, task: Task) -> PromptedViT:
     """A task's PromptedViT on an already loaded (possibly shared) backbone, in eval mode."""
-    model = PromptedViT(backbone, len(task.info.classes), PromptConfig(**task.info.prompt))
     try:
+        model = PromptedViT(backbone, len(task.info.classes), PromptConfig(**task.info.prompt))
         model.load_task_state_dict(task.tensors)
     except ValueError as exc:
         raise TaskError(f"task file {task.path} is inconsistent: {exc}") from None

@@ -175,6 +175,7 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
         raise DataError(f"no readable training images in {data_root}")
     backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
+    config.prompt.resolve_pool(backbone.name)  # ... and the pooling
     write_text(task.run_dir / "args.yaml", resolved_args(config, backbone).to_yaml())
     run_dir = task.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

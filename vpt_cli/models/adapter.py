@@ -25,28 +25,29 @@ class FamilyAdapter(ABC):
         self.model = model
 
     @property
-    @abstractmethod
     def width(self) -> int:
         """Token width at the first layer (the width of the first layer's prompts)."""
+        return self.layer_widths()[0]
 
     @abstractmethod
     def layer_widths(self) -> list[int]:
         """Token width at the input of every layer, in order (one deep prompt bank per layer)."""
 
+    # timm names these alike in every family; an adapter overrides what its family names otherwise.
     @property
-    @abstractmethod
     def num_features(self) -> int:
         """Width of the pooled features the head reads."""
+        return self.model.num_features
 
     @property
-    @abstractmethod
     def patch_size(self) -> int:
         """Side of a square input patch in pixels (the paper's prompt init bound uses it)."""
+        return self.model.patch_embed.patch_size[0]
 
     @property
-    @abstractmethod
     def num_patches(self) -> int:
         """Patch tokens at the model's input size (the auto prompt-count rule scales with it)."""
+        return self.model.patch_embed.num_patches
 
     @property
     @abstractmethod
@@ -64,14 +65,18 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def run_layer(self, index: int, x: torch.Tensor, rows: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Layer `index` on `x`, returning only its first `rows` output rows (the rest are unread).
+        A layer that ends with patch merging (Swin) returns the merged rows: all of them, or the
+        patches alone when `rows` leaves out the prompt tail.
 
         `attn_mask` (B, 1, 1, tokens), True where a key may be attended, hides padded prompt
         slots of a mixed-task batch."""
 
     @abstractmethod
-    def rows_read_by_pooling(self, length: int) -> int:
-        """How many leading rows of the last layer's output (`length` rows) the pooling reads."""
+    def rows_read_by_pooling(self, length: int, pool: str | None) -> int:
+        """How many leading rows of the last layer's output (`length` rows) pooling `pool` reads
+        (None: the backbone's own pooling; else one of config.POOLS)."""
 
     @abstractmethod
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and pooling of the last layer's output -> (B, num_features) pre-logits."""
+    def pool(self, x: torch.Tensor, prompts: int, pool: str | None) -> torch.Tensor:
+        """Final norm and pooling `pool` of the last layer's output, whose last `prompts` rows are
+        prompt outputs (when pooling reads that far) -> (B, num_features) pre-logits."""

@@ -9,6 +9,8 @@ length or deep/shallow:
   padding that the plan's lengths mask out of attention and pooling. With one length, no mask.
 * Deep/shallow: before layers 1..L-1, deep samples get their layer's prompts; shallow samples
   keep the previous layer's prompt outputs (a per-sample select, exact).
+* Pooling: samples are pooled in groups of equal prompt length and pooling (prompt.pool), each
+  without its padding slots, and each sample keeps its own group's features.
 * Heads: all heads are stacked into one matrix (padded classes have weight 0 and bias -inf, so
   their probability is exactly 0); each sample keeps its own task's logits.
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vpt_cli.models.prompted import PromptPlan, PromptedViT, prompted_forward
+from vpt_cli.models.prompted import PromptPlan, PromptedViT, Readout, prompted_forward
 
 
 class MultiTaskViT(nn.Module):
@@ -39,13 +41,15 @@ class MultiTaskViT(nn.Module):
             raise ValueError("every task model must be built on the shared backbone")
         self.backbone = backbone
         self.adapter = tasks[0].adapter
-        depth, width = self.adapter.depth, self.adapter.width
+        depth, self.widths = self.adapter.depth, self.adapter.layer_widths()
         lengths = [task.num_prompts for task in tasks]
         deep = [task.deep and task.num_prompts > 0 for task in tasks]
         self.max_prompts = max(lengths)
         self.distinct_lengths = sorted(set(lengths))
+        task_readouts = [Readout(task.num_prompts, task.pool) for task in tasks]
+        self.readouts = list(dict.fromkeys(task_readouts))
         self.any_deep, self.all_deep = any(deep), all(deep)
-        bank = torch.zeros(len(tasks), depth, self.max_prompts, width)
+        bank = torch.zeros(len(tasks), depth, self.max_prompts, max(self.widths))  # zero-padded past a layer's width
         num_classes = [task.head.out_features for task in tasks]
         self.max_classes = max(num_classes)
         weight = torch.zeros(len(tasks), self.max_classes, self.adapter.num_features)
@@ -56,12 +60,13 @@ class MultiTaskViT(nn.Module):
                 for layer in range(depth if task.deep else 1):
                     tokens = task.layer_prompts(layer, 1) if task.num_prompts else None
                     if tokens is not None:
-                        bank[t, layer, : task.num_prompts] = tokens[0]
+                        bank[t, layer, : task.num_prompts, : self.widths[layer]] = tokens[0]
                 weight[t, : num_classes[t]] = task.head.weight
                 bias[t, : num_classes[t]] = task.head.bias
-        self.register_buffer("prompt_bank", bank)  # (T, L, max_prompts, D)
+        self.register_buffer("prompt_bank", bank)  # (T, L, max_prompts, max width)
         self.register_buffer("prompt_lengths", torch.tensor(lengths))
         self.register_buffer("deep", torch.tensor(deep))
+        self.register_buffer("readout_of_task", torch.tensor([self.readouts.index(r) for r in task_readouts]))
         self.register_buffer("num_classes", torch.tensor(num_classes))
         self.register_buffer("head_weight", weight.flatten(0, 1))  # (T * max_classes, F)
         self.register_buffer("head_bias", bias.flatten())
@@ -86,8 +91,9 @@ class MultiTaskViT(nn.Module):
             return prompts if self.all_deep else torch.where(deep, prompts.to(previous.dtype), previous)
 
         return PromptPlan(slots=self.max_prompts, prompts_at=prompts_at, replaced_before=lambda layer: self.all_deep,
-                          lengths=self.prompt_lengths.index_select(0, task_index),
-                          distinct_lengths=self.distinct_lengths)
+                          readouts=self.readouts, lengths=self.prompt_lengths.index_select(0, task_index),
+                          distinct_lengths=self.distinct_lengths,
+                          readout_index=self.readout_of_task.index_select(0, task_index))
 
     def forward_features(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits, sample i prompted with task `task_index[i]`; one backbone pass."""
@@ -96,7 +102,7 @@ class MultiTaskViT(nn.Module):
     def _layer_prompts(self, layer: int, task_index: torch.Tensor) -> torch.Tensor:
         """(B, slots, D): each sample's task prompts for `layer`, gathered one layer at a time (a
         whole-bank gather copies L times more and hits a slow CPU index_select path)."""
-        return self.prompt_bank[:, layer].index_select(0, task_index)
+        return self.prompt_bank[:, layer, :, : self.widths[layer]].index_select(0, task_index)
 
     def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         """(B, max_classes) logits of each sample's own task; padded classes are -inf."""

@@ -7,7 +7,7 @@ family adapter (vpt_cli.models.registry) says how to embed, run and pool it, and
 * prompts join the sequence after position embeddings are added, so they get none;
 * VPT-deep replaces the previous layer's prompt outputs with the next layer's own prompts;
 * no attention mask (a mixed-task batch masks only its padding); the backbone's own final norm
-  and pooling, then a new linear head.
+  and pooling (or the reading a task asks for, prompt.pool), then a new linear head.
 
 The single-task model, the mixed-task model (vpt_cli.models.multitask) and the token init all
 run `prompted_forward`; they differ only in the `PromptPlan` they hand it.
@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vpt_cli.config import PromptConfig
+from vpt_cli.config import POOLS, PromptConfig
+from vpt_cli.errors import UsageError
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.registry import adapter_for
 
@@ -32,6 +33,15 @@ LayerPrompts = Callable[[int, "torch.Tensor | None"], "torch.Tensor | None"]
 Observer = Callable[[int, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class Readout:
+    """How the last layer is read for a group of samples: their own prompt count (slots past it
+    are padding) and pooling (None: the backbone's own; else one of config.POOLS)."""
+
+    prompts: int
+    pool: str | None = None
+
+
 @dataclass
 class PromptPlan:
     """What the samples of one batch get: `slots` prompt rows after the sequence, filled per layer.
@@ -40,14 +50,17 @@ class PromptPlan:
     the layer before need not compute their outputs. `lengths` (B,) is each sample's own prompt
     count when samples differ; the slots past it are padding, hidden from attention by a key mask
     and left out of pooling. `distinct_lengths` lists the values `lengths` takes (a static list,
-    so the forward stays traceable for export).
+    so the forward stays traceable for export). `readouts` lists how samples are pooled (a static
+    list), `readout_index` (B,) picks each sample's when there are several.
     """
 
     slots: int
     prompts_at: LayerPrompts
     replaced_before: Callable[[int], bool]
+    readouts: list[Readout]
     lengths: torch.Tensor | None = None
     distinct_lengths: list[int] = field(default_factory=list)
+    readout_index: torch.Tensor | None = None
 
 
 def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptPlan | None = None,
@@ -58,34 +71,40 @@ def prompted_forward(adapter: FamilyAdapter, images: torch.Tensor, plan: PromptP
     no position and nothing is masked, so attention treats tokens as a set and the paper's
     [prefix, prompts, patches] order gives the same numbers up to float summation order. Kept at
     the end, the rows nobody reads form a tail that layers skip: the prompt outputs a deep layer
-    replaces, and everything but CLS in the last layer under CLS pooling.
+    replaces, and everything but CLS in the last layer under CLS pooling. The number of rows
+    ahead of the prompts is taken afresh at every layer, as patch merging (Swin) shrinks it.
     """
+    if plan is None:  # the plain backbone
+        plan = PromptPlan(slots=0, prompts_at=lambda layer, previous: None, replaced_before=lambda layer: False,
+                          readouts=[Readout(0)])
     x = adapter.embed(images)
-    tokens = x.shape[1]
-    slots = plan.slots if plan is not None else 0
-    padded = plan is not None and plan.lengths is not None and len(plan.distinct_lengths) > 1
-    mask = _key_mask(plan.lengths, tokens, slots) if padded else None
+    slots = plan.slots
+    padded = plan.lengths is not None and len(plan.distinct_lengths) > 1
+    prompt_rows = 0  # prompt rows at the end of x
     depth = adapter.depth
     for index in range(depth):
+        tokens = x.shape[1] - prompt_rows  # constant in a ViT; patch merging shrinks it in Swin
         if slots:
             prompts = plan.prompts_at(index, x[:, tokens:] if index else None)
             if prompts is not None:
                 x = torch.cat([x[:, :tokens], prompts.to(x.dtype)], dim=1)
+                prompt_rows = slots
         if observe is not None:
             observe(index, x[:, adapter.num_prefix_tokens:tokens])
         if index + 1 == depth:
-            rows = adapter.rows_read_by_pooling(x.shape[1])
+            rows = max(adapter.rows_read_by_pooling(x.shape[1], readout.pool) for readout in plan.readouts)
         elif slots and plan.replaced_before(index + 1):
             rows = tokens
         else:
             rows = x.shape[1]
-        x = adapter.run_layer(index, x, rows, mask)
-    if not padded or x.shape[1] <= tokens:  # no padding among the rows pooling reads
-        return adapter.pool(x)
+        if rows < x.shape[1]:
+            prompt_rows = 0
+        x = adapter.run_layer(index, x, rows, _key_mask(plan.lengths, tokens, slots) if padded else None)
+    tokens = x.shape[1] - prompt_rows
     pooled = None
-    for length in plan.distinct_lengths:  # pool each prompt length without its padding slots
-        own = adapter.pool(x[:, : tokens + length])
-        pooled = own if pooled is None else torch.where((plan.lengths == length)[:, None], own, pooled)
+    for number, readout in enumerate(plan.readouts):  # each group pooled without its padding slots
+        own = adapter.pool(x[:, : tokens + readout.prompts], readout.prompts, readout.pool)
+        pooled = own if pooled is None else torch.where((plan.readout_index == number)[:, None], own, pooled)
     return pooled
 
 
@@ -101,8 +120,8 @@ def prompt_init_bound(patch_size: int, prompt_dim: int) -> float:
 
 
 @torch.no_grad()
-def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int, count: int) -> torch.Tensor:
-    """(depth, count, D): for each of the first `depth` layers, `count` patch tokens of its input in
+def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int, count: int) -> list[torch.Tensor]:
+    """For each of the first `depth` layers, (count, D_layer): `count` patch tokens of its input in
     the plain (unprompted) forward of `images`, each from a random image and position."""
     picks: list[torch.Tensor] = []
 
@@ -113,15 +132,28 @@ def sample_patch_tokens(adapter: FamilyAdapter, images: torch.Tensor, depth: int
             picks.append(patches[image, position])
 
     prompted_forward(adapter, images, observe=pick)
-    return torch.stack(picks)
+    return picks
+
+
+def _check_pool(pool: str | None, prompts: int, backbone: nn.Module) -> None:
+    """Refuse a pooling the model cannot read (unknown, no CLS token to read, no prompts to
+    average): a setting that does not fit the backbone, which config validation cannot see."""
+    if pool not in (None, *POOLS):
+        raise UsageError(f"unknown pooling '{pool}' (choose one of {', '.join(POOLS)})")
+    if pool == "token" and getattr(backbone, "cls_token", None) is None:
+        raise UsageError(f"--pool token reads the CLS token, which {type(backbone).__name__} has none of")
+    if pool == "avg-prompts" and not prompts:
+        raise UsageError("--pool avg-prompts averages the prompt outputs, and this task has none")
 
 
 class PromptedViT(nn.Module):
     """A frozen timm backbone plus learned prompt tokens and a linear head.
 
     `prompts` has shape (L, N, d) for VPT-deep and (1, N, d) for VPT-shallow, d being the
-    projection input size when `proj_dim` > 0 and the backbone width otherwise. The baselines
-    share the class: `linear` has no prompts, `full` also unfreezes the backbone.
+    projection input size when `proj_dim` > 0 and the backbone width otherwise. A backbone whose
+    width changes by stage (Swin) gets one (N, D_layer) tensor per layer instead, in a
+    ParameterList; `prompts[layer]` reads either. The baselines share the class: `linear` has no
+    prompts, `full` also unfreezes the backbone.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, prompt: PromptConfig):
@@ -135,13 +167,23 @@ class PromptedViT(nn.Module):
             prompt_dim = prompt.proj_dim or width
             depth = self.adapter.depth if self.deep else 1
             bound = prompt_init_bound(self.adapter.patch_size, prompt_dim)
-            self.prompts = nn.Parameter(torch.empty(depth, self.num_prompts, prompt_dim).uniform_(-bound, bound))
+            widths = self.adapter.layer_widths()[:depth]
+            if len(set(widths)) == 1:
+                self.prompts = nn.Parameter(torch.empty(depth, self.num_prompts, prompt_dim).uniform_(-bound, bound))
+            elif prompt.proj_dim:
+                raise UsageError(f"a prompt projection (proj_dim) needs one width at every layer, and "
+                                 f"{self.adapter.family} changes width by stage")
+            else:  # the first stage's bound for every stage, as the reference inits Swin
+                self.prompts = nn.ParameterList(
+                    nn.Parameter(torch.empty(self.num_prompts, w).uniform_(-bound, bound)) for w in widths)
             self.prompt_proj: nn.Module = nn.Identity()
             if prompt.proj_dim:
                 self.prompt_proj = nn.Linear(prompt.proj_dim, width)
                 nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
             self.prompt_dropout = nn.Dropout(prompt.resolved_dropout)
         self.prompt_init = prompt.init if self.num_prompts else None
+        _check_pool(prompt.pool, self.num_prompts, backbone)
+        self.pool = prompt.pool
         self.head = nn.Linear(self.adapter.num_features, num_classes)
         self.train_backbone = prompt.method == "full"
         backbone.requires_grad_(self.train_backbone)
@@ -159,11 +201,13 @@ class PromptedViT(nn.Module):
         starting features, and the probe head fitted on them, stay close to the unprompted
         backbone's, where the paper's uniform init costs a few points before training starts
         (README, "Defaults")."""
-        if self.prompts.shape[-1] != self.adapter.width:
+        widths = self.adapter.layer_widths()
+        if any(self.prompts[layer].shape[-1] != widths[layer] for layer in range(len(self.prompts))):
             raise ValueError("token init needs prompts in the backbone's width (no projection)")
-        tokens = sample_patch_tokens(self.adapter, images, self.prompts.shape[0], self.num_prompts)
+        tokens = sample_patch_tokens(self.adapter, images, len(self.prompts), self.num_prompts)
         with torch.no_grad():
-            self.prompts.copy_(tokens)
+            for layer, picked in enumerate(tokens):
+                self.prompts[layer].copy_(picked)
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
         """Projected prompts for `layer`, expanded per sample, then dropped out per sample."""
@@ -176,7 +220,7 @@ class PromptedViT(nn.Module):
         """This task's prompts for every sample of a batch of `batch`: the one-task case of the plan."""
         return PromptPlan(slots=self.num_prompts,
                           prompts_at=lambda layer, previous: self.layer_prompts(layer, batch),
-                          replaced_before=lambda layer: self.deep)
+                          replaced_before=lambda layer: self.deep, readouts=[Readout(self.num_prompts, self.pool)])
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logit features of the prompted backbone (what the head sees)."""

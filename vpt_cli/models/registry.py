@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+from timm.layers import PatchEmbed
 from torch import nn
 
 from vpt_cli.errors import BackboneError
@@ -50,4 +51,8 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
             f"{type(model).__name__} ({type(model).__module__}) is not a supported backbone family; "
             f"supported: {', '.join(supported_families())}"
         )
+    stem = getattr(model, "patch_embed", None)
+    if not isinstance(stem, PatchEmbed):  # a CNN stem: its "patches" are feature-map cells
+        raise BackboneError(f"{type(model).__name__} with a {type(stem).__name__} stem (a CNN-transformer hybrid) "
+                            "is not supported; prompts need patch tokens of a plain patch embedding")
     return adapter_cls(model)

@@ -2,13 +2,17 @@
 
 Absolute position embeddings are added inside `_pos_embed`, before prompts join, so prompts get
 none; prefix tokens (CLS and registers) come first. Pooling is the model's own `forward_head`
-(CLS token, average, max or attention pooling): under CLS pooling the last layer computes one
+(CLS token, average, max or attention pooling) unless a task asks for one of the reference's
+readings (vpt-method.md, "Pooling variants"): under CLS pooling the last layer computes one
 row; every other pooling reads all rows, prompts included, as the reference does for MAE.
+The other ViT-like families (DeiT distilled, EVA, BEiT) share these attributes and pooling.
 """
 from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.nn import functional as F
 
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.registry import register_adapter
@@ -20,24 +24,8 @@ class ViTAdapter(FamilyAdapter):
     family = "vit"
     model: VisionTransformer
 
-    @property
-    def width(self) -> int:
-        return self.model.embed_dim
-
     def layer_widths(self) -> list[int]:
         return [self.model.embed_dim] * len(self.model.blocks)
-
-    @property
-    def num_features(self) -> int:
-        return self.model.num_features
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.patch_embed.patch_size[0]
-
-    @property
-    def num_patches(self) -> int:
-        return self.model.patch_embed.num_patches
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -51,10 +39,34 @@ class ViTAdapter(FamilyAdapter):
     def run_layer(self, index: int, x: torch.Tensor, rows: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         return block_rows(self.model.blocks[index], x, rows, attn_mask)
 
-    def rows_read_by_pooling(self, length: int) -> int:
+    def rows_read_by_pooling(self, length: int, pool: str | None) -> int:
+        if pool is None:
+            return self.own_pooling_rows(length)
+        return 1 if pool == "token" else length
+
+    def own_pooling_rows(self, length: int) -> int:
+        """Rows the backbone's own `forward_head` reads: CLS alone, or everything."""
         model = self.model
         pools_cls = model.global_pool == "token" and getattr(model, "attn_pool", None) is None
         return 1 if pools_cls else length
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.norm(x), pre_logits=True)
+    def pool(self, x: torch.Tensor, prompts: int, pool: str | None) -> torch.Tensor:
+        model = self.model
+        if pool is None:
+            return model.forward_head(model.norm(x), pre_logits=True)
+        if pool == "token":  # what timm's head does with global_pool "token"
+            return model.fc_norm(model.norm(x[:, 0]))
+        prefix, end = self.num_prefix_tokens, x.shape[1] - prompts
+        averaged = {"avg": x[:, prefix:], "avg-patches": x[:, prefix:end], "avg-prompts": x[:, end:]}
+        if pool not in averaged:
+            raise ValueError(f"unknown pooling '{pool}'")
+        return self.average_norm(averaged[pool].mean(1))
+
+    def average_norm(self, features: torch.Tensor) -> torch.Tensor:
+        """The norm after averaging: the model's fc_norm, or, for a token-pooled checkpoint (a
+        final norm and no fc_norm), a fresh LayerNorm (weight 1, bias 0, frozen) in place of the
+        unused final norm, as the reference loads MAE (vpt-method.md, "MAE and MoCo v3")."""
+        model = self.model
+        if not isinstance(model.fc_norm, nn.Identity):
+            return model.fc_norm(features)
+        return F.layer_norm(features, (self.num_features,), eps=getattr(model.norm, "eps", 1e-6))
