@@ -120,3 +120,18 @@ def test_without_dns_the_hub_is_asked_in_offline_mode_only(monkeypatch):
         backbones._create_from_hub("vit_base_patch16_224.augreg_in21k", {})
     assert seen["offline"] is True
     assert hub_constants.HF_HUB_OFFLINE == before
+
+
+def test_offline_without_weights_fails_before_the_data_is_scanned(monkeypatch, tmp_path):
+    import vpt_cli.backbones as backbones
+    from typer.testing import CliRunner
+
+    from vpt_cli.cli import app
+
+    monkeypatch.setattr(backbones, "_hub_resolves", lambda: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    missing_data = tmp_path / "not-scanned"  # would be exit 3 if the data were looked at first
+    result = CliRunner().invoke(app, ["train", str(missing_data), "--task", "t", "-q"])
+    assert result.exit_code == 4, result.output
+    assert "hub repo timm/vit_base_patch16_224.augreg_in21k" in result.stderr
+    assert "--backbone-weights FILE" in result.stderr

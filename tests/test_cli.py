@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -137,3 +138,35 @@ def test_yaml_config_with_cli_override(tiny_weights, tmp_path):
     assert info.prompt["method"] == "vpt-shallow" and info.prompt["num_prompts"] == 3
     assert info.prompt["init"] == "uniform"
     assert info.provenance["config"]["train"]["epochs"] == 1
+
+
+def test_linear_summary_and_run_folder_listing_are_true(tiny_weights, tmp_path):
+    result = vpt("train", SAMPLE, "--task", "lin", *tiny_flags(tiny_weights), "--method", "linear")
+    assert result.exit_code == 0, result.output
+    assert "img/s" not in result.stdout and "no epochs" in result.stdout
+    listed = result.stdout.split("run folder")[1].split("(")[1].split(")")[0].split(", ")
+    run = Path("runs/train/lin")
+    assert listed and all((run / name).exists() for name in listed)
+    assert not (run / "best.safetensors").exists()  # nothing claims epochs that did not happen
+
+
+def test_train_run_folder_is_numbered_and_explains_its_lines(tiny_weights):
+    first = vpt("train", SAMPLE, "--task", "numbered", *tiny_flags(tiny_weights), "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    assert "* = the weights kept so far" in first.stderr
+    run = Path("runs/train/numbered")
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["args.yaml", "best.safetensors", "checkpoint.safetensors", "last.safetensors", "results.csv",
+         "results.png", "skipped.txt"])
+    rows = (run / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 3
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    unresolved = [f"{section}.{key}" for section, values in args.items() for key, value in values.items()
+                  if value is None]
+    assert unresolved == ["prompt.pool"]  # null there means the backbone's own pooling; all else is concrete
+    assert args["data"]["path"] == str(SAMPLE) and Path(args["backbone"]["weights"]).is_absolute()
+    second = vpt("train", SAMPLE, "--task", "numbered", *tiny_flags(tiny_weights), "--epochs", "1", "--force",
+                 "--img-size", "36")
+    assert second.exit_code == 0 and Path("runs/train/numbered2/results.csv").is_file()
+    assert "not a multiple of the 8 px patch size" in second.stderr
+    assert vpt("eval", SAMPLE / "val", "--task", run / "best.safetensors", "-q").exit_code == 0  # a usable task

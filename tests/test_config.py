@@ -60,3 +60,10 @@ def test_token_prompt_init_refuses_a_projection():
     assert load_config(None, {"prompt.proj_dim": 16, "prompt.init": "uniform"}).prompt.proj_dim == 16
     with pytest.raises(UsageError, match="prompt.init must be one of"):
         load_config(None, {"prompt.init": "zeros"})
+
+
+@pytest.mark.parametrize("key, value", [("train.lr", -1.0), ("train.head_lr", -0.1), ("train.weight_decay", -1e-4),
+                                        ("train.patience", -1), ("data.workers", -2), ("train.lr", float("nan"))])
+def test_negative_or_nan_values_are_refused(key, value):
+    with pytest.raises(UsageError):
+        load_config(None, {key: value, "data.path": "x"})

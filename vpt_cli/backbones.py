@@ -85,6 +85,28 @@ def create_backbone(config: BackboneConfig, pretrained: bool = True) -> Backbone
     )
 
 
+def check_weights_reachable(config: BackboneConfig) -> None:
+    """Fail in seconds, before any data is scanned, when the hub weights `config` needs can be
+    neither downloaded (no network) nor found in the local cache; the message names the repo."""
+    if config.weights or _hub_resolves():
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    arch = config.name.split(".")[0]
+    if not timm.is_model(arch):
+        return  # create_backbone says so, in its own words
+    pretrained = get_pretrained_cfg(config.name)
+    repo = getattr(pretrained, "hf_hub_id", None)
+    if repo is None or any(isinstance(try_to_load_from_cache(repo, file), str)
+                           for file in ("model.safetensors", "pytorch_model.bin")):
+        return
+    raise BackboneError(
+        f"no network to download '{config.name}' (hub repo {repo}) and it is not in the local cache; "
+        f"fetch {repo}/model.safetensors on a connected machine and pass --backbone-weights FILE"
+    )
+
+
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)

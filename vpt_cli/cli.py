@@ -165,6 +165,8 @@ def _reporter(quiet: bool):
 
 
 def _print_epoch(stats: "EpochStats") -> None:
+    if stats.epoch == 1:
+        err.print("[dim]each line: train loss and accuracy, val accuracy (* = the weights kept so far), lr, speed[/]")
     val = f"{stats.val_acc:.3f}" if stats.val_acc is not None else "  -  "
     mark = " [green]*[/]" if stats.is_best else ""
     err.print(

@@ -199,6 +199,15 @@ class RunConfig:
             raise UsageError("--val-split must be in [0, 1)")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise UsageError("--epochs and --batch-size must be at least 1")
+        for flag, value in (("--lr", self.train.lr), ("--head-lr", self.train.head_lr)):
+            if value is not None and not value >= 0:
+                raise UsageError(f"{flag} must be zero or positive, not {value}")
+        if not self.train.weight_decay >= 0:
+            raise UsageError(f"--weight-decay must be zero or positive, not {self.train.weight_decay}")
+        if self.train.patience < 0 or (self.data.workers is not None and self.data.workers < 0):
+            raise UsageError("--patience and --workers must be zero or positive")
+        if self.train.warmup_epochs is not None and self.train.warmup_epochs < 0:
+            raise UsageError("train.warmup_epochs must be zero or positive")
         if self.backbone.img_size is not None and self.backbone.img_size < 8:
             raise UsageError("--img-size must be at least 8")
         return self

@@ -33,14 +33,17 @@ def render_train(console: Console, result: TrainResult) -> None:
         f"  images         {result.num_train} train, {result.num_val} val"
         + (f", {len(result.skipped)} skipped (see {safe(result.run_dir / 'skipped.txt')})" if result.skipped else ""),
         f"  val top-1      {_pct(report.top1 if report else None)} ({kept})",
-        f"  linear probe   {_pct(result.probe_val_acc)} val top-1 before prompt training",
+        (f"  probe start    {_pct(result.probe_val_acc)} val top-1: the linear probe fitted on the prompted "
+         "start, before prompt training" if result.history else None),
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",
-        f"  speed          {result.train_images_per_sec:.1f} train img/s, {result.seconds:.0f}s in all",
-        f"  run folder     {safe(result.run_dir)} (args.yaml, results.csv, results.png, best/last.safetensors)",
+        (f"  speed          {result.train_images_per_sec:.1f} train img/s, {result.seconds:.0f}s in all"
+         if result.history else f"  time           {result.seconds:.0f}s (features once, then L-BFGS; no epochs)"),
+        f"  run folder     {safe(result.run_dir)} ({safe(', '.join(sorted(p.name for p in result.run_dir.iterdir())))})",
     ]
     for line in lines:
-        console.print(line, highlight=False)
+        if line is not None:
+            console.print(line, highlight=False)
 
 
 def render_eval(console: Console, result: EvalResult) -> None:

@@ -22,9 +22,9 @@ import torch
 from vpt_cli import __version__
 from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
-from vpt_cli.backbones import Backbone, create_backbone
+from vpt_cli.backbones import Backbone, check_weights_reachable, create_backbone
 from vpt_cli.config import RunConfig
-from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, validate_samples
+from vpt_cli.data import ImageDataset, auto_workers, build_transform, discover_splits, make_loader, validate_samples
 from vpt_cli.engine import FitResult, TrainingRun, check_same_settings
 from vpt_cli.errors import DataError, TaskError, UsageError
 from vpt_cli.home import (check_task_name, remove_orphan_temp_files, resolve_task_path, slugify, task_lock,
@@ -166,6 +166,7 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     """Scan and check the data, load the backbone and build the loaders for a claimed task."""
     data_root = Path(config.data.path)
     task_path, name = task.path, task.name
+    check_weights_reachable(config.backbone)
     seed_everything(config.train.seed)
     splits = discover_splits(data_root, config.data.val_split, config.train.seed)
     train_samples, bad_train = validate_samples(splits.train)
@@ -176,7 +177,12 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
     config.prompt.resolve_pool(backbone.name)  # ... and the pooling
-    write_text(task.run_dir / "args.yaml", resolved_args(config, backbone).to_yaml())
+    patch = backbone.adapter.patch_size
+    if backbone.img_size % patch:
+        reporter.log(f"warning: the image size {backbone.img_size} is not a multiple of the {patch} px patch size: "
+                     f"the last {backbone.img_size % patch} pixel rows and columns are never seen")
+    train_workers = config.data.workers if config.data.workers is not None else auto_workers(len(train_samples))
+    write_text(task.run_dir / "args.yaml", resolved_args(config, backbone, train_workers).to_yaml())
     run_dir = task.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_skipped(run_dir, skipped)
@@ -245,13 +251,14 @@ def write_results(run_dir: Path, history: list[EpochStats], probe_acc: float | N
                            kept_epoch=kept_epoch)
 
 
-def resolved_args(config: RunConfig, backbone: Backbone) -> RunConfig:
+def resolved_args(config: RunConfig, backbone: Backbone, workers: int) -> RunConfig:
     """`config` with every value concrete (no null, no 'auto') and absolute paths: args.yaml,
     reusable with --config from any folder."""
     resolved = copy.deepcopy(config)
     resolved.data.path = str(Path(config.data.path).resolve())
     resolved.backbone.weights = backbone.weights
     resolved.backbone.img_size = backbone.img_size
+    resolved.data.workers = workers
     resolved.prompt.dropout = config.prompt.resolved_dropout
     resolved.train.lr = config.train.resolved_lr()
     resolved.train.head_lr = config.train.resolved_head_lr()
