@@ -1,6 +1,7 @@
 """Training loop behaviour: schedule, parameter groups, probe init, selection, stopping, resume."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,8 +127,8 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes(tiny_weights, monkeypa
     assert [h.epoch for h in result.history] == [1, 2, 3]
     assert resolve_task_path("resumable").is_file()
 
-    changed = tiny_run(tiny_weights, epochs=5, patience=0)
-    with pytest.raises(TaskError, match=r"other settings \(train.epochs 3 -> 5\)"):
+    changed = tiny_run(tiny_weights, epochs=3, patience=0, lr=0.5)
+    with pytest.raises(TaskError, match=r"other settings \(train.lr None -> 0.5\)"):
         api.train(changed, task="resumable", resume=True, force=True)
     with pytest.raises(TaskError, match="finished, so there is nothing to resume"):
         api.train(config, task="resumable", resume=True)
@@ -209,3 +210,25 @@ def test_amp_trains_the_blocks_in_bfloat16_on_cpu(tiny_backbone, amp, dtype):
     assert set(seen) == {dtype}  # autocast really ran (or really did not)
     assert loss == loss and not torch.equal(model.prompts, before)  # finite, and the prompts learned
     assert model.prompts.dtype == torch.float32  # master weights stay fp32
+
+
+def test_cli_resume_restores_every_setting_and_may_only_extend(tiny_weights):
+    """`vpt train DATA --task t --resume` needs no other flag: backbone, prompts and recipe come
+    from the checkpoint; --epochs may extend the run, any other changed flag is refused."""
+    from typer.testing import CliRunner
+
+    from vpt_cli.cli import app
+
+    config = tiny_run(tiny_weights, epochs=3, patience=0)
+    config.prompt.num_prompts = None  # 'auto': resolved after the checkpoint's settings are compared
+    with pytest.raises(TrainingInterrupted):
+        api.train(config, task="cli-resume", reporter=InterruptIn(2))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["train", str(SAMPLE), "--task", "cli-resume", "--resume", "--lr", "0.5", "-q"])
+    assert refused.exit_code == 2 and "train.lr None -> 0.5" in refused.stderr
+    extended = runner.invoke(app, ["train", str(SAMPLE), "--task", "cli-resume", "--resume", "--epochs", "4",
+                                   "--json", "-q"])
+    assert extended.exit_code == 0, extended.output
+    payload = json.loads(extended.stdout)
+    assert [h["epoch"] for h in payload["history"]] == [1, 2, 3, 4]
+    assert payload["run_dir"].endswith("runs/train/cli-resume")

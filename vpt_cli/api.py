@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vpt_cli.home import task_name_from
+from vpt_cli.home import resolve_task_path, slugify, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
                           list_images, load_image, make_loader, read_task_requests, scan_class_folders,
@@ -32,8 +32,9 @@ from vpt_cli.report import SamplePrediction, render_report_html
 from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
 from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
-from vpt_cli.training import (RunFolder, TrainResult, claim_task, epoch_writer, prepare_run, run_settings,
-                              save_trained)
+from vpt_cli.checkpoint import Checkpoint
+from vpt_cli.training import (CHECKPOINT_FILE, RunFolder, TrainResult, claim_task, epoch_writer, prepare_run,
+                              run_settings, save_trained, settings_config)
 
 
 def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
@@ -48,6 +49,7 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
     """
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    settings = run_settings(config)  # as given, before 'auto' values are resolved
     with claim_task(config, task, force=force, resume=resume, folder=folder) as claimed:
         reporter.log(f"run folder {claimed.run_dir}")
         try:
@@ -66,9 +68,23 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             result = FitResult([], 0, report, False, 0.0, probe_acc)
         else:
             result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
-                         run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config),
+                         run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
                          on_epoch=epoch_writer(run, config))
         return save_trained(run, model, config, result, started)
+
+
+def resume(task: str | None, given: dict[str, Any], folder: RunFolder | None = None,
+           reporter: Reporter | None = None) -> TrainResult:
+    """Continue an interrupted `train` of `task` with every setting its checkpoint holds; of the
+    options the user `given` (dotted config keys, None = not given) only the epochs (to extend the
+    run), the device and the worker count may change, anything else that differs is refused."""
+    folder = folder or RunFolder()
+    if task is None:  # train's default: the data folder's name
+        task = slugify(Path(given.get("data.path") or ".").resolve().name)
+    run_dir = Path(folder.project) / (folder.name or task_name_from(resolve_task_path(task)))
+    config = settings_config(Checkpoint(run_dir / CHECKPOINT_FILE).settings(), given)
+    return train(config, task=task, resume=True, reporter=reporter,
+                 folder=RunFolder(project=folder.project, name=folder.name, exist_ok=True))
 
 
 def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None],

@@ -273,7 +273,7 @@ def train(
     workers: WorkersOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this task (its run folder, same settings) after its last finished epoch.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of this task after its last finished epoch, with every setting its checkpoint holds (only --epochs, --device and --workers may change).")] = False,
     project: ProjectOpt = None,
     name: RunNameOpt = None,
     exist_ok: ExistOkOpt = False,
@@ -300,9 +300,14 @@ def train(
             "train.weight_decay": weight_decay, "data.val_split": val_split, "data.augment": _value(augment),
             "train.select": _value(select), "train.patience": patience, "train.amp": amp,
         })
-        run_config = load_config(config, overrides)
-        result = api.train(run_config, task=task, force=force, resume=resume, reporter=_reporter(quiet),
-                           folder=_run_folder(project, name, exist_ok, "runs/train"))
+        run_folder = _run_folder(project, name, exist_ok, "runs/train")
+        if resume:  # every setting comes from the checkpoint; the flags given may only extend or move it
+            if config is not None:
+                raise UsageError("--resume takes its settings from the run's checkpoint; drop --config")
+            result = api.resume(task, overrides, folder=run_folder, reporter=_reporter(quiet))
+        else:
+            result = api.train(load_config(config, overrides), task=task, force=force, reporter=_reporter(quiet),
+                               folder=run_folder)
         if as_json:
             _print_json(result.to_dict())
             return

@@ -23,7 +23,7 @@ from vpt_cli import __version__
 from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, check_weights_reachable, create_backbone
-from vpt_cli.config import RunConfig
+from vpt_cli.config import RunConfig, apply_overrides
 from vpt_cli.data import ImageDataset, auto_workers, build_transform, discover_splits, make_loader, validate_samples
 from vpt_cli.engine import FitResult, TrainingRun, check_same_settings
 from vpt_cli.errors import DataError, TaskError, UsageError
@@ -155,11 +155,39 @@ RUN_FILES = (CHECKPOINT_FILE, "best.safetensors", "last.safetensors", "args.yaml
              "skipped.txt", "sweep.csv")
 
 
+# What a resumed run may change: where and how fast it runs, and how long (extending the epochs).
+RESUME_MAY_CHANGE = ("train.device", "data.workers", "train.epochs")
+_PATH_SETTINGS = ("data.path", "backbone.weights")
+
+
 def run_settings(config: RunConfig) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with: the whole config as dotted keys, less the
-    options that change where and how fast it runs, not what it computes."""
+    """The settings a checkpoint must be resumed with: the whole config as given (before 'auto'
+    values are resolved) as dotted keys with absolute paths, less RESUME_MAY_CHANGE."""
     flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-    return {key: value for key, value in flat.items() if key not in ("train.device", "data.workers")}
+    for key in _PATH_SETTINGS:
+        if flat.get(key):
+            flat[key] = str(Path(flat[key]).resolve())
+    return {key: value for key, value in flat.items() if key not in RESUME_MAY_CHANGE}
+
+
+def settings_config(saved: dict[str, Any], given: dict[str, Any]) -> RunConfig:
+    """The config a run resumes with: its checkpoint's settings, plus only what RESUME_MAY_CHANGE
+    among the options the user `given` (dotted keys, None = not given); any other given option
+    that differs is refused, in one line naming it."""
+    changed = [key for key, value in given.items()
+               if value is not None and key not in RESUME_MAY_CHANGE and run_settings_value(key, value) != saved.get(key)]
+    if changed:
+        shown = ", ".join(f"{key} {saved.get(key)!r} -> {run_settings_value(key, given[key])!r}" for key in changed[:3])
+        raise UsageError(f"--resume continues with the run's own settings; these differ: {shown} "
+                         "(only --epochs, --device and --workers may change; start a new run with --force instead)")
+    config = RunConfig()
+    apply_overrides(config, {**saved, **{k: v for k, v in given.items() if v is not None and k in RESUME_MAY_CHANGE}})
+    return config.validate()
+
+
+def run_settings_value(key: str, value: Any) -> Any:
+    """`value` as run_settings stores it (absolute paths)."""
+    return str(Path(value).resolve()) if key in _PATH_SETTINGS and value else value
 
 
 def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> PreparedRun:
