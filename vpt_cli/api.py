@@ -15,7 +15,7 @@ import torch
 from vpt_cli.home import runs_dir, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
-                          list_images, make_loader, read_task_requests, scan_class_folders, validate_samples)
+                          list_images, make_loader, read_eval_split, read_task_requests, validate_samples)
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
@@ -86,11 +86,14 @@ class EvalResult:
 
 def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
              device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
-             reporter: Reporter | None = None) -> EvalResult:
-    """Metrics of a task on a folder of class folders; classes unknown to the task are reported."""
+             reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto") -> EvalResult:
+    """Metrics of a task on DATA in any reader's format (vpt_cli.data.readers): class folders (or
+    DATA/<split>), or one split of a CSV, VTAB lists or FGVC JSON (default test, else val).
+    Classes unknown to the task are reported."""
     reporter = reporter or Reporter()
     loaded = load_for_inference(task, backbone_weights, device)
-    classes, samples, skipped_files, unknown = scan_class_folders(Path(data), loaded.classes)
+    classes = loaded.classes
+    samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format)
     good, bad = validate_samples(samples)
     skipped = [(str(p), r) for p, r in skipped_files + bad]
     if not good:

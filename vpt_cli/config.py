@@ -25,6 +25,8 @@ PROMPT_INITS = ("tokens", "uniform")
 TOKEN_INIT_IMAGES = 32  # training images whose patch tokens seed the prompts (prompt.init "tokens")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SELECTS = ("auto", "best", "last")
+DATA_FORMATS = ("auto", "folders", "csv", "vtab", "fgvc")  # vpt_cli.data.readers
+BALANCES = ("none", "reweight", "resample", "logit-adjust")  # vpt_cli.losses
 # Below this, best-on-val is noise: top-1 on a val split of n images has a standard error near
 # 0.4/sqrt(n), several times the gap between late epochs, and the probe start it competes with
 # had its strength picked on the same split (README, "Defaults").
@@ -95,6 +97,9 @@ class DataConfig:
     val_split: float = 0.1  # held-out fraction when DATA has no val/ folder
     augment: str = "flip"  # none | flip | crop (random resized crop + flip)
     workers: int | None = None  # None = auto
+    format: str = "auto"  # auto | folders | csv | vtab | fgvc (vpt_cli.data.readers)
+    trainval: bool = False  # list formats: train on train+val, score on test (the paper's final retrain)
+    shots: int | None = None  # K training images per class (seeded, stratified); None = all
 
 
 @dataclass
@@ -181,6 +186,9 @@ class RunConfig:
             raise UsageError("--val-split must be in [0, 1)")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise UsageError("--epochs and --batch-size must be at least 1")
+        _check_choice("data.format", self.data.format, DATA_FORMATS)
+        if self.data.shots is not None and self.data.shots < 1:
+            raise UsageError("--shots must be at least 1")
         if self.backbone.img_size is not None and self.backbone.img_size < 8:
             raise UsageError("--img-size must be at least 8")
         return self

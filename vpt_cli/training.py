@@ -7,6 +7,7 @@ same frozen backbone), so the folder is scanned and the backbone loaded only onc
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import RunConfig
-from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, validate_samples
+from vpt_cli.data import (ImageDataset, Sample, build_transform, class_counts, discover_splits, few_shot, make_loader,
+                          validate_samples)
 from vpt_cli.engine import FitResult, check_same_settings
 from vpt_cli.errors import DataError, TaskError
 from vpt_cli.home import remove_orphan_temp_files, resolve_task_path, runs_dir, slugify, task_lock, task_name_from
@@ -91,6 +93,8 @@ class PreparedRun:
     train_loader: Any
     probe_loader: Any
     val_loader: Any | None
+    class_counts: list[int]  # training images per class, as trained (after --shots and unreadable files)
+    shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
 
 
 @dataclass
@@ -140,7 +144,10 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     data_root = Path(config.data.path)
     task_path, name = task.path, task.name
     seed_everything(config.train.seed)
-    splits = discover_splits(data_root, config.data.val_split, config.train.seed)
+    splits = discover_splits(data_root, config.data.val_split, config.train.seed, data_format=config.data.format,
+                             trainval=config.data.trainval)
+    if config.data.shots is not None:
+        splits.train = few_shot(splits.train, config.data.shots, config.train.seed)
     train_samples, bad_train = validate_samples(splits.train)
     val_samples, bad_val = validate_samples(splits.val)
     skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
@@ -166,7 +173,15 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
     val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
     return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), len(val_samples),
-                       skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader)
+                       skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader,
+                       class_counts=class_counts(train_samples, len(splits.classes)),
+                       shot_files=_relative(train_samples, data_root) if config.data.shots is not None else None)
+
+
+def _relative(samples: list[Sample], data_root: Path) -> list[str]:
+    """Sample paths relative to DATA (to a list file's folder), so the record travels with the data."""
+    base = data_root if data_root.is_dir() else data_root.parent
+    return [os.path.relpath(sample.path, base) for sample in samples]
 
 
 def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result: FitResult, started: float,
@@ -183,6 +198,8 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
             "num_val": run.num_val, "skipped": len(skipped), "seed": config.train.seed,
+            "class_counts": run.class_counts,
+            **({"shots": {"k": config.data.shots, "files": run.shot_files}} if run.shot_files is not None else {}),
             "stores": STORED_TENSORS[config.prompt.method],
             "best_epoch": result.best_epoch, "selection": result.selection, "epochs_run": len(history), "config": config.to_dict(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
