@@ -19,7 +19,7 @@ from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, c
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
-from vpt_cli.metrics import EvalReport, write_confusion_csv
+from vpt_cli.metrics import EvalReport, shot_group_accuracy, write_confusion_csv
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.plots import render_confusion_png
 from vpt_cli.probe import probe_init_head
@@ -50,13 +50,15 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
         model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
         if config.prompt.method == "linear":
             model.to(run.device)
-            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter)
+            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter,
+                                        run.balance)
             report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val")
                       if run.val_loader else None)
             result = FitResult([], 0, report, False, 0.0, probe_acc)
         else:
             result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
-                         run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config))
+                         run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config),
+                         balance=run.balance)
         return save_trained(run, model, config, result, started)
 
 
@@ -101,6 +103,9 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     loader = make_loader(ImageDataset(good, build_transform(loaded.backbone.data_config, train=False)),
                          batch_size, False, workers, 0)
     report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter)
+    counts = loaded.task.info.provenance.get("class_counts")
+    if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
+        report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
     name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
     out = Path(output_dir) if output_dir else runs_dir(name) / "eval"
     csv_path, png_path = out / "confusion.csv", out / "confusion.png"

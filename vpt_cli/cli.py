@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from vpt_cli import __version__
-from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, DATA_FORMATS,
+from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, BALANCES, DATA_FORMATS,
                             DEEP_PROMPT_DROPOUT,
                             DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, PROMPT_INITS, SELECTS,
                             SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig, SweepConfig)
@@ -54,6 +54,7 @@ Augment = _choices("Augment", AUGMENTS)
 Device = _choices("Device", DEVICES)
 Select = _choices("Select", SELECTS)
 DataFormat = _choices("DataFormat", DATA_FORMATS)
+Balance = _choices("Balance", BALANCES)
 PromptInit = _choices("PromptInit", PROMPT_INITS)
 OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
 ExportFormat = _choices("ExportFormat", ("onnx", "torchscript"))
@@ -86,6 +87,11 @@ DataFormatOpt = Annotated[Optional[DataFormat], typer.Option(
 TrainvalOpt = Annotated[Optional[bool], typer.Option(
     "--trainval/--no-trainval", help="List formats: train on train+val (VTAB's train800val200) and score on test, "
     f"the paper's final retrain. {_default(_DEFAULTS.data.trainval)}")]
+BalanceOpt = Annotated[Optional[Balance], typer.Option(
+    "--balance", help="Unequal class counts: reweight (inverse-frequency loss weights), resample (class-balanced "
+    f"batches), logit-adjust (Menon et al. 2021, see --tau). {_default(_DEFAULTS.train.balance)}")]
+TauOpt = Annotated[Optional[float], typer.Option(
+    "--tau", help=f"Strength of --balance logit-adjust: logits + tau * log(class prior). {_default(_DEFAULTS.train.tau)}")]
 ShotsOpt = Annotated[Optional[int], typer.Option(
     "--shots", help=f"Keep K training images per class, drawn per class with --seed. {_default('all')}")]
 TaskNameOpt = Annotated[Optional[str], typer.Option(
@@ -193,13 +199,15 @@ def _value(choice: Optional[Enum]) -> Optional[str]:
 def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: Optional[Path],
                       backbone_arg: list[str], img_size: Optional[int], method: Optional[Enum], epochs: Optional[int],
                       seed: Optional[int], device: Optional[Enum], workers: Optional[int],
-                      data_format: Optional[Enum], trainval: Optional[bool], shots: Optional[int]) -> dict[str, Any]:
+                      data_format: Optional[Enum], trainval: Optional[bool], shots: Optional[int],
+                      balance: Optional[Enum], tau: Optional[float]) -> dict[str, Any]:
     """Config overrides from the options `train` and `sweep` share (None: not given, YAML wins)."""
     return {
         "data.path": str(data), "backbone.name": backbone, "backbone.weights": _path(backbone_weights),
         "backbone.img_size": img_size, "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
         "prompt.method": _value(method), "train.epochs": epochs, "train.seed": seed, "train.device": _value(device),
         "data.workers": workers, "data.format": _value(data_format), "data.trainval": trainval, "data.shots": shots,
+        "train.balance": _value(balance), "train.tau": tau,
     }
 
 
@@ -229,6 +237,8 @@ def train(
     data_format: DataFormatOpt = None,
     trainval: TrainvalOpt = None,
     shots: ShotsOpt = None,
+    balance: BalanceOpt = None,
+    tau: TauOpt = None,
     method: Annotated[Optional[Method], typer.Option(help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. " + _default(_DEFAULTS.prompt.method))] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help=f"Prompt tokens per layer. {_default(f'auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px')}")] = None,
     prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {_default(f'{DEEP_PROMPT_DROPOUT} deep, 0.0 shallow')}")] = None,
@@ -265,7 +275,7 @@ def train(
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
                                       seed=seed, device=device, workers=workers, data_format=data_format,
-                                      trainval=trainval, shots=shots)
+                                      trainval=trainval, shots=shots, balance=balance, tau=tau)
         overrides.update({
             "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "prompt.init": _value(prompt_init),
             "train.batch_size": batch_size,
@@ -315,6 +325,8 @@ def sweep(
     data_format: DataFormatOpt = None,
     trainval: TrainvalOpt = None,
     shots: ShotsOpt = None,
+    balance: BalanceOpt = None,
+    tau: TauOpt = None,
     seed: SeedOpt = None,
     device: TrainDeviceOpt = None,
     workers: WorkersOpt = None,
@@ -337,7 +349,7 @@ def sweep(
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
                                       seed=seed, device=device, workers=workers, data_format=data_format,
-                                      trainval=trainval, shots=shots)
+                                      trainval=trainval, shots=shots, balance=balance, tau=tau)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
         with LiveSweepTable(err, quiet=quiet or as_json) as live:

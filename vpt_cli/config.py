@@ -116,6 +116,8 @@ class TrainConfig:
     head_init: str = "probe"  # probe: fit a linear probe on the initial features first
     patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
     select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
+    balance: str = "none"  # none | reweight | resample | logit-adjust (vpt_cli.losses; README "Long tail")
+    tau: float = 1.0  # logit-adjust strength (Menon et al. 2021)
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -177,6 +179,9 @@ class RunConfig:
                              "cannot take; set prompt.init: uniform to use one")
         _check_choice("train.device", self.train.device, DEVICES)
         _check_choice("train.select", self.train.select, SELECTS)
+        _check_choice("train.balance", self.train.balance, BALANCES)
+        if not 0.0 <= self.train.tau <= 10.0:
+            raise UsageError("--tau must be in [0, 10]")
         if (self.prompt.method.startswith("vpt") and self.prompt.num_prompts is not None
                 and self.prompt.num_prompts < 1):
             raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")

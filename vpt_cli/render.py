@@ -54,6 +54,9 @@ def render_eval(console: Console, result: EvalResult) -> None:
     console.print(
         f"top-1 {_pct(report.top1)}  top-5 {_pct(report.top5)}  balanced acc {_pct(report.balanced_accuracy)}  "
         f"macro F1 {report.macro_f1:.3f}  on {report.num_samples} images", highlight=False)
+    if report.shot_groups:
+        console.print("  ".join(f"{name}-shot {_pct(acc)}" for name, acc in report.shot_groups.items())
+                      + "  (classes with >100 / 20-100 / <20 training images)", highlight=False)
     if result.unknown_classes:
         console.print(f"[yellow]not evaluated[/]: folders unknown to the task: {safe(', '.join(result.unknown_classes))}",
                       highlight=False)

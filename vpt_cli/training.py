@@ -30,6 +30,7 @@ from vpt_cli.engine import FitResult, check_same_settings
 from vpt_cli.errors import DataError, TaskError
 from vpt_cli.home import remove_orphan_temp_files, resolve_task_path, runs_dir, slugify, task_lock, task_name_from
 from vpt_cli.fileio import write_text
+from vpt_cli.losses import ClassBalance
 from vpt_cli.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.plots import render_history_png
@@ -95,6 +96,11 @@ class PreparedRun:
     val_loader: Any | None
     class_counts: list[int]  # training images per class, as trained (after --shots and unreadable files)
     shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
+
+    @property
+    def balance(self) -> ClassBalance:
+        train = self.config.train
+        return ClassBalance(train.balance, tuple(self.class_counts), train.tau)
 
 
 @dataclass
@@ -169,7 +175,8 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     # which the checkpoint saves, so a resumed run augments exactly as the uninterrupted one.
     train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment)),
                                batch, shuffle=True, workers=workers, seed=config.train.seed,
-                               drop_last=len(train_samples) > batch, persistent=False)
+                               drop_last=len(train_samples) > batch, persistent=False,
+                               class_balanced=config.train.balance == "resample")
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
     val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
     return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), len(val_samples),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from vpt_cli.data.images import ImageLoadError, failure_reason, load_image
 from vpt_cli.data.splits import Sample
@@ -66,16 +66,20 @@ def auto_workers(num_items: int) -> int:
 
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False,
-    persistent: bool = True,
+    persistent: bool = True, class_balanced: bool = False,
 ) -> DataLoader:
-    """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`)."""
+    """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`).
+
+    `class_balanced` (an ImageDataset's samples) draws classes equally often instead of shuffling."""
     workers = auto_workers(len(dataset)) if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)
+    sampler = class_balanced_sampler([s.label for s in dataset.samples], generator) if class_balanced else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skip_bad,
         generator=generator,
@@ -83,3 +87,13 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
     )
+
+
+def class_balanced_sampler(labels: list[int], generator: torch.Generator) -> WeightedRandomSampler:
+    """Draws len(labels) indices with replacement, each class equally likely (the loader's
+    generator, so a resumed run draws what the uninterrupted one would)."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
