@@ -115,7 +115,9 @@ def test_every_reader_trains_evaluates_and_sweeps(tiny_weights, tmp_path, fmt):
 
 def test_cli_eval_takes_a_split_and_a_forced_format(tiny_weights, tmp_path):
     data = make_csv(tmp_path / "data")
-    api.train(run_config(tiny_weights, data, trainval=True), task="csv-tv")
+    trained = api.train(run_config(tiny_weights, data, trainval=True), task="csv-tv")
+    assert trained.num_train == 15 and trained.val_report is None and trained.test_report.num_samples == 3
+    assert trained.selection == "last"  # nothing is selected on the test split
     runner = CliRunner()
     done = runner.invoke(app, ["eval", str(data), "--task", "csv-tv", "--split", "val", "--data-format", "csv",
                                "--json", "--output-dir", str(tmp_path / "e")])

@@ -59,7 +59,9 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
                          run.device, claimed.checkpoint, reporter, resume=resume, settings=run_settings(config),
                          balance=run.balance)
-        return save_trained(run, model, config, result, started)
+        test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test")
+                if run.test_loader else None)
+        return save_trained(run, model, config, result, started, test_report=test)
 
 
 def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None],

@@ -33,6 +33,8 @@ def render_train(console: Console, result: TrainResult) -> None:
         f"  images         {result.num_train} train, {result.num_val} val"
         + (f", {len(result.skipped)} skipped (see {safe(result.run_dir / 'skipped.txt')})" if result.skipped else ""),
         f"  val top-1      {_pct(report.top1 if report else None)} ({kept})",
+        *([f"  test top-1     {_pct(result.test_report.top1)} (--trainval: scored once, never selected on)"]
+          if result.test_report else []),
         f"  linear probe   {_pct(result.probe_val_acc)} val top-1 before prompt training",
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",

@@ -151,6 +151,8 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
     if not config.prompt.method.startswith("vpt"):
         raise UsageError(f"vpt sweep tunes prompt training; --method {config.prompt.method} has nothing to sweep "
                          "(linear picks its own L2 strength on val)")
+    if config.data.trainval:
+        raise UsageError("vpt sweep searches on the val split; retrain the winner with vpt train --trainval")
     started = time.perf_counter()
     with claim_task(config, task, force=force) as claimed:
         return _run_claimed(config, plan, claimed, reporter, started)

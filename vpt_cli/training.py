@@ -58,6 +58,7 @@ class TrainResult:
     backbone_bytes: int
     run_dir: Path
     seconds: float
+    test_report: EvalReport | None = None  # --trainval: the test split, never used for selection
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class TrainResult:
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
             "trainable_params": self.trainable_params, "task_bytes": self.task_bytes,
             "backbone_bytes": self.backbone_bytes, "run_dir": str(self.run_dir), "seconds": self.seconds,
+            "test": self.test_report.to_dict() if self.test_report else None,
         }
 
 
@@ -94,6 +96,7 @@ class PreparedRun:
     train_loader: Any
     probe_loader: Any
     val_loader: Any | None
+    test_loader: Any | None  # --trainval: the test split, scored once after training
     class_counts: list[int]  # training images per class, as trained (after --shots and unreadable files)
     shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
 
@@ -178,9 +181,13 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
                                drop_last=len(train_samples) > batch, persistent=False,
                                class_balanced=config.train.balance == "resample")
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
-    val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
-    return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), len(val_samples),
+    held_out = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
+    # --trainval holds out the test split: nothing may be selected on it (probe strength, epoch), it is only scored.
+    val_loader, test_loader = (None, held_out) if config.data.trainval else (held_out, None)
+    num_val = 0 if config.data.trainval else len(val_samples)
+    return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), num_val,
                        skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader,
+                       test_loader=test_loader,
                        class_counts=class_counts(train_samples, len(splits.classes)),
                        shot_files=_relative(train_samples, data_root) if config.data.shots is not None else None)
 
@@ -192,7 +199,7 @@ def _relative(samples: list[Sample], data_root: Path) -> list[str]:
 
 
 def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result: FitResult, started: float,
-                 extra_provenance: dict[str, Any] | None = None) -> TrainResult:
+                 extra_provenance: dict[str, Any] | None = None, test_report: EvalReport | None = None) -> TrainResult:
     """Write the task file (its metadata says what it stores and how it was made) and the run's
     history; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
     report, history = result.best_report, result.history
@@ -201,7 +208,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
         img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
-        metrics=_summary(report),
+        metrics={**_summary(report, "val"), **_summary(test_report, "test")},
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
             "num_val": run.num_val, "skipped": len(skipped), "seed": config.train.seed,
@@ -229,7 +236,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
         num_train=run.num_train, num_val=run.num_val, skipped=skipped, trainable_params=trainable,
         task_bytes=saved.size_bytes,
         backbone_bytes=sum(t.numel() * t.element_size() for t in run.backbone.model.state_dict().values()),
-        run_dir=run.run_dir, seconds=time.perf_counter() - started,
+        run_dir=run.run_dir, seconds=time.perf_counter() - started, test_report=test_report,
     )
 
 
@@ -239,16 +246,17 @@ def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
 
 def failures_while_loading(run: PreparedRun) -> list[tuple[str, str]]:
     """Images that passed the header check up front but failed to decode during training."""
-    loaders = (run.train_loader, run.probe_loader, run.val_loader)
+    loaders = (run.train_loader, run.probe_loader, run.val_loader, run.test_loader)
     found = [(str(path), reason) for loader in loaders if loader is not None for path, reason in loader.dataset.failures]
     return list(dict.fromkeys(found))
 
 
-def _summary(report: EvalReport | None) -> dict[str, Any]:
+def _summary(report: EvalReport | None, split: str) -> dict[str, Any]:
     if report is None:
         return {}
-    return {"val_top1": report.top1, "val_top5": report.top5, "val_balanced_accuracy": report.balanced_accuracy,
-            "val_macro_f1": report.macro_f1, "val_samples": report.num_samples}
+    return {f"{split}_top1": report.top1, f"{split}_top5": report.top5,
+            f"{split}_balanced_accuracy": report.balanced_accuracy, f"{split}_macro_f1": report.macro_f1,
+            f"{split}_samples": report.num_samples}
 
 
 def _jsonable(value: Any) -> Any:
