@@ -6,6 +6,7 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import torch
 
 from vpt_cli.home import runs_dir, task_name_from
 from vpt_cli.config import RunConfig
-from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
-                          list_images, make_loader, read_eval_split, read_task_requests, validate_samples)
+from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, decode_size,
+                          failure_reason, list_images, load_image, make_loader, read_eval_split, read_task_requests,
+                          validate_samples)
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
@@ -98,12 +100,14 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     loaded = load_for_inference(task, backbone_weights, device)
     classes = loaded.classes
     samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format)
-    good, bad = validate_samples(samples)
+    size = decode_size(loaded.backbone.data_config)
+    good, bad = validate_samples(samples, target=size)
     skipped = [(str(p), r) for p, r in skipped_files + bad]
     if not good:
         raise DataError(f"no readable images of the task's classes in {data}")
-    loader = make_loader(ImageDataset(good, build_transform(loaded.backbone.data_config, train=False)),
-                         batch_size, False, workers, 0)
+    dataset = ImageDataset(good, build_transform(loaded.backbone.data_config, train=False),
+                           partial(load_image, target=size))  # one pass: draft decoding, no cache
+    loader = make_loader(dataset, batch_size, False, workers, 0)
     report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter)
     counts = loaded.task.info.provenance.get("class_counts")
     if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):

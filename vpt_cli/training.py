@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import RunConfig
-from vpt_cli.data import (ImageDataset, Sample, build_transform, class_counts, discover_splits, few_shot, make_loader,
+from vpt_cli.data import (DecodeCache, ImageDataset, Sample, build_transform, decode_size, class_counts, discover_splits, few_shot, make_loader,
                           validate_samples)
 from vpt_cli.engine import FitResult, check_same_settings
 from vpt_cli.errors import DataError, TaskError
@@ -113,6 +114,7 @@ class ClaimedTask:
     path: Path
     name: str
     run_dir: Path
+    scratch: Path  # decoded photos for this run (vpt_cli.data.cache), removed when it ends
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -128,8 +130,8 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
     config.validate()
     path = resolve_task_path(task if task is not None else slugify(Path(config.data.path).resolve().name))
     name = task_name_from(path)
-    claimed = ClaimedTask(path=path, name=name, run_dir=runs_dir(name))
-    with task_lock(path):
+    with task_lock(path), tempfile.TemporaryDirectory(prefix="vpt-decoded-") as scratch:
+        claimed = ClaimedTask(path=path, name=name, run_dir=runs_dir(name), scratch=Path(scratch))
         if path.exists() and not force:
             hint = "it is finished, so there is nothing to resume; " if resume else ""
             raise TaskError(f"task '{name}' already exists at {path}; {hint}pass --force to train it again")
@@ -157,12 +159,14 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
                              trainval=config.data.trainval)
     if config.data.shots is not None:
         splits.train = few_shot(splits.train, config.data.shots, config.train.seed)
-    train_samples, bad_train = validate_samples(splits.train)
-    val_samples, bad_val = validate_samples(splits.val)
+    backbone = create_backbone(config.backbone)  # first: its input size says how far large photos are drafted
+    eval_size = decode_size(backbone.data_config)
+    train_size = decode_size(backbone.data_config, train=True, augment=config.data.augment)
+    train_samples, bad_train = validate_samples(splits.train, target=min(eval_size, train_size))
+    val_samples, bad_val = validate_samples(splits.val, target=eval_size)
     skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
     if not train_samples:
         raise DataError(f"no readable training images in {data_root}")
-    backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
     run_dir = task.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,14 +178,18 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     workers = config.data.workers
     batch = config.train.batch_size
     eval_transform = build_transform(backbone.data_config, train=False)
+    eval_decode = DecodeCache(task.scratch, eval_size).load  # each photo decoded once per run, not once per epoch
+    train_decode = DecodeCache(task.scratch, train_size).load
     # Fresh loader workers each epoch (not persistent): they are seeded from the loader's generator,
     # which the checkpoint saves, so a resumed run augments exactly as the uninterrupted one.
-    train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment)),
+    train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment),
+                                            train_decode),
                                batch, shuffle=True, workers=workers, seed=config.train.seed,
                                drop_last=len(train_samples) > batch, persistent=False,
                                class_balanced=config.train.balance == "resample")
-    probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
-    held_out = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
+    probe_loader = make_loader(ImageDataset(train_samples, eval_transform, eval_decode), batch, False, workers,
+                               config.train.seed)
+    held_out = make_loader(ImageDataset(val_samples, eval_transform, eval_decode), batch, False, workers, config.train.seed) if val_samples else None
     # --trainval holds out the test split: nothing may be selected on it (probe strength, epoch), it is only scored.
     val_loader, test_loader = (None, held_out) if config.data.trainval else (held_out, None)
     num_val = 0 if config.data.trainval else len(val_samples)

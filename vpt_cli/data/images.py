@@ -14,8 +14,10 @@ from vpt_cli.data.splits import Sample
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
-# Larger or thinner images are skipped (counted in training, one line in predict): a 1 x 20000
-# strip resized so its short side fits the model would take gigabytes.
+# Images that would decode to more pixels, or are thinner, are skipped (counted in training, one
+# line in predict): a 1 x 20000 strip resized so its short side fits the model would take
+# gigabytes. The pixel cap is on what is decoded: a JPEG read in draft mode decodes at 1/2, 1/4
+# or 1/8 scale, so a 100-megapixel photo is fine when the model needs a few hundred pixels.
 MAX_IMAGE_PIXELS = 178_956_970  # PIL's own decompression-bomb threshold (2 x Image.MAX_IMAGE_PIXELS)
 MAX_ASPECT_RATIO = 40.0
 
@@ -40,10 +42,12 @@ class ImageLoadError(Exception):
 def _pil_errors(path: Path) -> Iterator[None]:
     """Turn PIL's many failure modes (and decompression bombs) into ImageLoadError.
 
-    Bomb warnings become errors only inside this block; PIL's pixel limit itself is untouched.
+    PIL's bomb warning (header over Image.MAX_IMAGE_PIXELS) is silenced inside this block only:
+    `_check_dimensions` applies that limit to the size actually decoded, after draft mode.
+    Headers over twice the limit are still refused by PIL itself at open.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             yield
         except ImageLoadError:
@@ -60,23 +64,35 @@ def _pil_errors(path: Path) -> Iterator[None]:
             raise ImageLoadError(path, f"corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode `path` as an upright RGB image (EXIF orientation applied, alpha on white)."""
+def load_image(path: Path, target: int | None = None) -> Image.Image:
+    """Decode `path` as an upright RGB image (EXIF orientation applied, alpha on white).
+
+    With `target`, a JPEG decodes at the smallest scale whose short side is still >= `target`
+    (draft mode: the DCT does the shrinking), which is most of the cost of a large photo.
+    """
     path = Path(path)
     with _pil_errors(path), Image.open(path) as image:
-        _check_dimensions(path, image)
+        _check_dimensions(path, image, target)
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
 
 
-def _check_dimensions(path: Path, image: Image.Image) -> None:
-    """Refuse, from the header alone, an image too large to decode or too thin to resize."""
+def _check_dimensions(path: Path, image: Image.Image, target: int | None = None) -> None:
+    """Refuse, before any pixel is decoded, an image too thin to resize or one whose decoded size
+    (after draft mode, asked for with `target`) is too large for memory."""
     width, height = image.size
-    if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
-        raise ImageLoadError(path, f"{width}x{height} pixels is too large (at most {MAX_IMAGE_PIXELS:,})")
+    if width < 1 or height < 1:
+        raise ImageLoadError(path, f"{width}x{height} pixels has no pixels")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageLoadError(path, f"{width}x{height} pixels is too thin to resize (aspect ratio over "
                                    f"{MAX_ASPECT_RATIO:g}:1)")
+    if target is not None:
+        image.draft(image.mode, (target, target))  # JPEG only; a no-op for other formats
+    cap = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
+    decoded_width, decoded_height = image.size
+    if decoded_width * decoded_height > cap:
+        shown = f"{width}x{height} pixels" + (f" (decoded {decoded_width}x{decoded_height})" if image.size != (width, height) else "")
+        raise ImageLoadError(path, f"{shown} is too large (at most {cap:,} decoded)")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -100,18 +116,19 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def validate_samples(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Path, str]]]:
+def validate_samples(samples: list[Sample], target: int | None = None) -> tuple[list[Sample], list[tuple[Path, str]]]:
     """Cheaply check every image's header -> (good, bad), so bad files are reported up-front.
 
     Only headers are read (plus PNG checksums via verify), so truncated pixel data can still
-    fail later; ImageDataset tolerates that.
+    fail later; ImageDataset tolerates that. `target` is the short side loading will ask draft
+    mode for, so the size cap judges what will actually be decoded.
     """
     good: list[Sample] = []
     bad: list[tuple[Path, str]] = []
     for sample in samples:
         try:
             with _pil_errors(sample.path), Image.open(sample.path) as image:
-                _check_dimensions(sample.path, image)
+                _check_dimensions(sample.path, image, target)
                 image.verify()
             good.append(sample)
         except ImageLoadError as exc:

@@ -22,9 +22,11 @@ class ImageDataset(Dataset):
     processes are visible in the main process through `failures`.
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], torch.Tensor],
+                 decode: Callable[[Path], Image.Image] = load_image) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.decode = decode  # e.g. a DecodeCache's load: decoded and shrunk once per run
         self._failed = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -33,7 +35,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
         sample = self.samples[index]
         try:
-            image = load_image(sample.path)
+            image = self.decode(sample.path)
         except ImageLoadError:
             self._failed[index] = True
             return None
