@@ -116,7 +116,7 @@ class TrainConfig:
     head_init: str = "probe"  # probe: fit a linear probe on the initial features first
     patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
     select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
-    balance: str = "none"  # none | reweight | resample | logit-adjust (vpt_cli.losses; README "Long tail")
+    balance: str = "logit-adjust"  # none | reweight | resample | logit-adjust (vpt_cli.losses; README "Long tail")
     tau: float = 1.0  # logit-adjust strength (Menon et al. 2021)
     seed: int = 0
     device: str = "auto"
