@@ -323,7 +323,6 @@ def sweep(
     backbone_arg: BackboneArgOpt = [],
     img_size: ImgSizeOpt = None,
     data_format: DataFormatOpt = None,
-    trainval: TrainvalOpt = None,
     shots: ShotsOpt = None,
     balance: BalanceOpt = None,
     tau: TauOpt = None,
@@ -349,7 +348,7 @@ def sweep(
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
                                       seed=seed, device=device, workers=workers, data_format=data_format,
-                                      trainval=trainval, shots=shots, balance=balance, tau=tau)
+                                      trainval=None, shots=shots, balance=balance, tau=tau)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
         with LiveSweepTable(err, quiet=quiet or as_json) as live:
