@@ -123,7 +123,8 @@ def mean_se(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--imbalance", default="10,50,100", help="imbalance factors, comma-separated")
-    parser.add_argument("--deep-imbalance", default="100", help="factors vpt-deep also runs at (it trains; the probe is cheap)")
+    parser.add_argument("--deep-imbalance", default="100", 
+                        help="factors vpt-deep also runs at (it trains; the probe is cheap)")
     parser.add_argument("--n-max", type=int, default=110, help="training images of the largest class")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2, help="vpt-deep epochs")

@@ -25,8 +25,8 @@ from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, create_backbone
 from vpt_cli.config import RunConfig
-from vpt_cli.data import (DecodeCache, ImageDataset, Sample, build_transform, decode_size, class_counts, discover_splits, few_shot, make_loader,
-                          validate_samples)
+from vpt_cli.data import (DecodeCache, ImageDataset, Sample, build_transform, class_counts, decode_size,
+                          discover_splits, few_shot, make_loader, validate_samples)
 from vpt_cli.engine import FitResult, check_same_settings
 from vpt_cli.errors import DataError, TaskError
 from vpt_cli.home import remove_orphan_temp_files, resolve_task_path, runs_dir, slugify, task_lock, task_name_from
@@ -189,7 +189,8 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
                                class_balanced=config.train.balance == "resample")
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform, eval_decode), batch, False, workers,
                                config.train.seed)
-    held_out = make_loader(ImageDataset(val_samples, eval_transform, eval_decode), batch, False, workers, config.train.seed) if val_samples else None
+    held_out = (make_loader(ImageDataset(val_samples, eval_transform, eval_decode), batch, False, workers,
+                            config.train.seed) if val_samples else None)
     # --trainval holds out the test split: nothing may be selected on it (probe strength, epoch), it is only scored.
     val_loader, test_loader = (None, held_out) if config.data.trainval else (held_out, None)
     num_val = 0 if config.data.trainval else len(val_samples)

@@ -16,7 +16,8 @@ from vpt_cli.data.splits import DatasetSplits, Sample, class_counts, few_shot
 from vpt_cli.data.transforms import build_transform, decode_size
 
 __all__ = [
-    "DATA_FORMATS", "DecodeCache", "decode_size", "IMAGE_EXTENSIONS", "MAX_ASPECT_RATIO", "MAX_GLOB_ENTRIES", "MAX_IMAGE_PIXELS", "VAL_SPLIT_NAMES",
+    "DATA_FORMATS", "IMAGE_EXTENSIONS", "MAX_ASPECT_RATIO", "MAX_GLOB_ENTRIES", "MAX_IMAGE_PIXELS", "VAL_SPLIT_NAMES",
+    "DecodeCache", "decode_size",
     "DatasetSplits", "ImageDataset", "ImageLoadError", "Sample", "auto_workers", "build_transform", "class_counts",
     "collate_skip_bad", "discover_splits", "failure_reason", "few_shot", "list_images", "load_image", "make_loader",
     "read_eval_split", "read_task_requests", "scan_class_folders", "validate_samples",

@@ -91,7 +91,8 @@ def _check_dimensions(path: Path, image: Image.Image, target: int | None = None)
     cap = min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS)
     decoded_width, decoded_height = image.size
     if decoded_width * decoded_height > cap:
-        shown = f"{width}x{height} pixels" + (f" (decoded {decoded_width}x{decoded_height})" if image.size != (width, height) else "")
+        drafted = f" (decoded {decoded_width}x{decoded_height})" if image.size != (width, height) else ""
+        shown = f"{width}x{height} pixels{drafted}"
         raise ImageLoadError(path, f"{shown} is too large (at most {cap:,} decoded)")
 
 
