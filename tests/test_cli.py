@@ -163,7 +163,8 @@ def test_train_run_folder_is_numbered_and_explains_its_lines(tiny_weights):
     args = yaml.safe_load((run / "args.yaml").read_text())
     unresolved = [f"{section}.{key}" for section, values in args.items() for key, value in values.items()
                   if value is None]
-    assert unresolved == ["prompt.pool"]  # null there means the backbone's own pooling; all else is concrete
+    # null means "the backbone's own pooling" and "every image" there; everything else is concrete
+    assert unresolved == ["prompt.pool", "data.shots"]
     assert args["data"]["path"] == str(SAMPLE) and Path(args["backbone"]["weights"]).is_absolute()
     second = vpt("train", SAMPLE, "--task", "numbered", *tiny_flags(tiny_weights), "--epochs", "1", "--force",
                  "--img-size", "36")

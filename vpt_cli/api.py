@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,14 @@ import torch
 
 from vpt_cli.home import resolve_task_path, slugify, task_name_from
 from vpt_cli.config import RunConfig
-from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, failure_reason,
-                          list_images, load_image, make_loader, read_task_requests, scan_class_folders,
+from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, decode_size,
+                          failure_reason, list_images, load_image, make_loader, read_eval_split, read_task_requests,
                           validate_samples)
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
 from vpt_cli.fileio import numbered_dir, write_text
-from vpt_cli.metrics import Calibration, EvalReport, calibration, write_confusion_csv
+from vpt_cli.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.plots import render_confusion_png, render_labelled_image, render_reliability_png
 from vpt_cli.probe import probe_init_head
@@ -62,15 +63,18 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
         model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
         if config.prompt.method == "linear":
             model.to(run.device)
-            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter)
+            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter,
+                                        run.balance)
             report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val")
                       if run.val_loader else None)
             result = FitResult([], 0, report, False, 0.0, probe_acc)
         else:
             result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
                          run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
-                         on_epoch=epoch_writer(run, config))
-        return save_trained(run, model, config, result, started)
+                         balance=run.balance, on_epoch=epoch_writer(run, config))
+        test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test")
+                if run.test_loader else None)
+        return save_trained(run, model, config, result, started, test_report=test)
 
 
 def resume(task: str | None, given: dict[str, Any], folder: RunFolder | None = None,
@@ -116,8 +120,10 @@ class EvalResult:
 
 def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
              device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
-             reporter: Reporter | None = None) -> EvalResult:
-    """Metrics of a task on a folder of class folders; classes unknown to the task are reported.
+             reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto") -> EvalResult:
+    """Metrics of a task on DATA in any reader's format (vpt_cli.data.readers): class folders (or
+    DATA/<split>), or one split of a CSV, VTAB lists or FGVC JSON (default test, else val).
+    Classes unknown to the task are reported.
 
     Writes a run folder (default `runs/eval/<task>` under the current folder, numbered `<task>2`,
     ... rather than overwriting; `output_dir` to choose one): metrics.json, confusion.csv,
@@ -127,13 +133,16 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     reporter = reporter or Reporter()
     name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
     loaded = load_for_inference(task, backbone_weights, device)
-    classes, samples, skipped_files, unknown = scan_class_folders(Path(data), loaded.classes)
-    good, bad = validate_samples(samples)
+    classes = loaded.classes
+    samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format)
+    size = decode_size(loaded.backbone.data_config)
+    good, bad = validate_samples(samples, target=size)
     skipped = [(str(p), r) for p, r in skipped_files + bad]
     if not good:
         raise DataError(f"no readable images of the task's classes in {data}")
-    loader = make_loader(ImageDataset(good, build_transform(loaded.backbone.data_config, train=False)),
-                         batch_size, False, workers, 0)
+    dataset = ImageDataset(good, build_transform(loaded.backbone.data_config, train=False),
+                           partial(load_image, target=size))  # one pass: draft decoding, no cache
+    loader = make_loader(dataset, batch_size, False, workers, 0)
     answers: list[SamplePrediction] = []
 
     def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -142,6 +151,9 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
                        for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
 
     report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep)
+    counts = loaded.task.info.provenance.get("class_counts")
+    if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
+        report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
     skipped += [(str(path), reason) for path, reason in loader.dataset.failures]
     calibrated = calibration(torch.tensor([a.confidence for a in answers]),
                              torch.tensor([a.true == a.predicted for a in answers]))

@@ -21,9 +21,10 @@ import typer
 from rich.console import Console
 
 from vpt_cli import __version__
-from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, AVG_POOLED_TAGS,
-                            DEEP_PROMPT_DROPOUT, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT, OPTIMIZERS, POOLS,
-                            PROMPT_INITS, SELECTS, SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig, SweepConfig)
+from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMPT_FRACTION, AVG_POOLED_TAGS, BALANCES,
+                            DATA_FORMATS, DEEP_PROMPT_DROPOUT, DEVICES, METHODS, MIN_VAL_PER_CLASS_TO_SELECT,
+                            OPTIMIZERS, POOLS, PROMPT_INITS, SELECTS, SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig,
+                            SweepConfig)
 from vpt_cli.errors import Terminated, UsageError, VPTError, one_line
 from vpt_cli.safetext import printable, safe
 
@@ -54,6 +55,8 @@ Optimizer = _choices("Optimizer", OPTIMIZERS)
 Augment = _choices("Augment", AUGMENTS)
 Device = _choices("Device", DEVICES)
 Select = _choices("Select", SELECTS)
+DataFormat = _choices("DataFormat", DATA_FORMATS)
+Balance = _choices("Balance", BALANCES)
 PromptInit = _choices("PromptInit", PROMPT_INITS)
 Pool = _choices("Pool", POOLS)
 OutputFormat = _choices("OutputFormat", ("table", "json", "csv"))
@@ -81,7 +84,20 @@ WORKERS_HELP = f"Image decoding processes. {_default('auto')}"
 # Options that `train` and `sweep` share, declared once. A None default means "not given": the
 # YAML config (or the config dataclass default shown in the help) applies.
 DataArg = Annotated[Path, typer.Argument(
-    help="Folder of class folders (DATA/<class>/<image>), or with train/ and val/ splits.")]
+    help="Folder of class folders (DATA/<class>/<image>, or train/ and val/ splits of them), a .csv of "
+    "path,label[,split], or a folder of VTAB-1k lists (train800.txt ...) or FGVC JSON (train.json ...).")]
+DataFormatOpt = Annotated[Optional[DataFormat], typer.Option(
+    "--data-format", help=f"How to read DATA; auto picks by the files there. {_default(_DEFAULTS.data.format)}")]
+TrainvalOpt = Annotated[Optional[bool], typer.Option(
+    "--trainval/--no-trainval", help="List formats: train on train+val (VTAB's train800val200) and score on test, "
+    f"the paper's final retrain. {_default(_DEFAULTS.data.trainval)}")]
+BalanceOpt = Annotated[Optional[Balance], typer.Option(
+    "--balance", help="Unequal class counts: reweight (inverse-frequency loss weights), resample (class-balanced "
+    f"batches), logit-adjust (Menon et al. 2021, see --tau). {_default(_DEFAULTS.train.balance)}")]
+TauOpt = Annotated[Optional[float], typer.Option(
+    "--tau", help=f"Strength of --balance logit-adjust: logits + tau * log(class prior). {_default(_DEFAULTS.train.tau)}")]
+ShotsOpt = Annotated[Optional[int], typer.Option(
+    "--shots", help=f"Keep K training images per class, drawn per class with --seed. {_default('all')}")]
 TaskNameOpt = Annotated[Optional[str], typer.Option(
     "--task", "-t", help="Name to save the task under (default: the folder's name), or a .safetensors path.")]
 BackboneOpt = Annotated[Optional[str], typer.Option(
@@ -195,13 +211,16 @@ def _value(choice: Optional[Enum]) -> Optional[str]:
 
 def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: Optional[Path],
                       backbone_arg: list[str], img_size: Optional[int], method: Optional[Enum], epochs: Optional[int],
-                      seed: Optional[int], device: Optional[Enum], workers: Optional[int]) -> dict[str, Any]:
+                      seed: Optional[int], device: Optional[Enum], workers: Optional[int],
+                      data_format: Optional[Enum], trainval: Optional[bool], shots: Optional[int],
+                      balance: Optional[Enum], tau: Optional[float]) -> dict[str, Any]:
     """Config overrides from the options `train` and `sweep` share (None: not given, YAML wins)."""
     return {
         "data.path": str(data), "backbone.name": backbone, "backbone.weights": _path(backbone_weights),
         "backbone.img_size": img_size, "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
         "prompt.method": _value(method), "train.epochs": epochs, "train.seed": seed, "train.device": _value(device),
-        "data.workers": workers,
+        "data.workers": workers, "data.format": _value(data_format), "data.trainval": trainval, "data.shots": shots,
+        "train.balance": _value(balance), "train.tau": tau,
     }
 
 
@@ -252,6 +271,11 @@ def train(
     backbone_weights: BackboneWeightsOpt = None,
     backbone_arg: BackboneArgOpt = [],
     img_size: ImgSizeOpt = None,
+    data_format: DataFormatOpt = None,
+    trainval: TrainvalOpt = None,
+    shots: ShotsOpt = None,
+    balance: BalanceOpt = None,
+    tau: TauOpt = None,
     method: Annotated[Optional[Method], typer.Option(help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. " + _default(_DEFAULTS.prompt.method))] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help=f"Prompt tokens per layer. {_default(f'auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px')}")] = None,
     prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {_default(f'{DEEP_PROMPT_DROPOUT} deep, 0.0 shallow')}")] = None,
@@ -291,7 +315,8 @@ def train(
 
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
-                                      seed=seed, device=device, workers=workers)
+                                      seed=seed, device=device, workers=workers, data_format=data_format,
+                                      trainval=trainval, shots=shots, balance=balance, tau=tau)
         overrides.update({
             "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "prompt.init": _value(prompt_init),
             "prompt.pool": _value(pool),
@@ -345,6 +370,10 @@ def sweep(
     backbone_weights: BackboneWeightsOpt = None,
     backbone_arg: BackboneArgOpt = [],
     img_size: ImgSizeOpt = None,
+    data_format: DataFormatOpt = None,
+    shots: ShotsOpt = None,
+    balance: BalanceOpt = None,
+    tau: TauOpt = None,
     seed: SeedOpt = None,
     device: TrainDeviceOpt = None,
     workers: WorkersOpt = None,
@@ -369,7 +398,8 @@ def sweep(
 
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
-                                      seed=seed, device=device, workers=workers)
+                                      seed=seed, device=device, workers=workers, data_format=data_format,
+                                      trainval=None, shots=shots, balance=balance, tau=tau)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
         with LiveSweepTable(err, quiet=quiet) as live:
@@ -386,8 +416,12 @@ def sweep(
 
 @app.command("eval")
 def evaluate(
-    data: Path = typer.Argument(..., help="Folder of class folders to evaluate on (e.g. DATA/test)."),
+    data: Path = typer.Argument(..., help="Folder of class folders to evaluate on (e.g. DATA/test), or any source "
+                                "vpt train reads (with --split)."),
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to score: a folder DATA/<split>, or a list "
+                                        "format's train/val/trainval/test. \\[default: DATA itself for folders; test, else val for lists]"),
+    data_format: DataFormat = typer.Option(DataFormat.auto, "--data-format", help="How to read DATA."),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
@@ -403,7 +437,7 @@ def evaluate(
         from vpt_cli import api
 
         result = api.evaluate(data, task, _path(backbone_weights), batch_size, device.value, workers, amp,
-                              output_dir, _reporter(quiet))
+                              output_dir, _reporter(quiet), split=split, data_format=data_format.value)
         if as_json:
             _print_json(result.to_dict())
             return

@@ -31,6 +31,8 @@ AVG_POOLED_TAGS = ("mae",)
 TOKEN_INIT_IMAGES = 32  # training images whose patch tokens seed the prompts (prompt.init "tokens")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SELECTS = ("auto", "best", "last")
+DATA_FORMATS = ("auto", "folders", "csv", "vtab", "fgvc")  # vpt_cli.data.readers
+BALANCES = ("none", "reweight", "resample", "logit-adjust")  # vpt_cli.losses
 # Below this, best-on-val is noise: top-1 on a val split of n images has a standard error near
 # 0.4/sqrt(n), several times the gap between late epochs, and the probe start it competes with
 # had its strength picked on the same split (README, "Defaults").
@@ -108,6 +110,9 @@ class DataConfig:
     val_split: float = 0.1  # held-out fraction when DATA has no val/ folder
     augment: str = "flip"  # none | flip | crop (random resized crop + flip)
     workers: int | None = None  # None = auto
+    format: str = "auto"  # auto | folders | csv | vtab | fgvc (vpt_cli.data.readers)
+    trainval: bool = False  # list formats: train on train+val, score on test (the paper's final retrain)
+    shots: int | None = None  # K training images per class (seeded, stratified); None = all
 
 
 @dataclass
@@ -124,6 +129,8 @@ class TrainConfig:
     head_init: str = "probe"  # probe: fit a linear probe on the initial features first
     patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
     select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
+    balance: str = "logit-adjust"  # none | reweight | resample | logit-adjust (vpt_cli.losses; README "Long tail")
+    tau: float = 1.0  # logit-adjust strength (Menon et al. 2021)
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -190,6 +197,9 @@ class RunConfig:
                              "cannot take; set prompt.init: uniform to use one")
         _check_choice("train.device", self.train.device, DEVICES)
         _check_choice("train.select", self.train.select, SELECTS)
+        _check_choice("train.balance", self.train.balance, BALANCES)
+        if not 0.0 <= self.train.tau <= 10.0:
+            raise UsageError("--tau must be in [0, 10]")
         if (self.prompt.method.startswith("vpt") and self.prompt.num_prompts is not None
                 and self.prompt.num_prompts < 1):
             raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
@@ -208,6 +218,9 @@ class RunConfig:
             raise UsageError("--patience and --workers must be zero or positive")
         if self.train.warmup_epochs is not None and self.train.warmup_epochs < 0:
             raise UsageError("train.warmup_epochs must be zero or positive")
+        _check_choice("data.format", self.data.format, DATA_FORMATS)
+        if self.data.shots is not None and self.data.shots < 1:
+            raise UsageError("--shots must be at least 1")
         if self.backbone.img_size is not None and self.backbone.img_size < 8:
             raise UsageError("--img-size must be at least 8")
         return self

@@ -18,6 +18,7 @@ from torch import nn
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.errors import TaskError, TrainingInterrupted
+from vpt_cli.losses import ClassBalance
 from vpt_cli.metrics import EvalReport, MetricAccumulator
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.probe import probe_init_head
@@ -114,8 +115,9 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: tor
 
 def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, amp: bool,
-                    scaler: torch.amp.GradScaler, reporter: Reporter, description: str) -> tuple[float, float, float]:
-    """One pass over `loader`; returns (mean loss, accuracy, images per second)."""
+                    scaler: torch.amp.GradScaler, reporter: Reporter, description: str,
+                    balance: ClassBalance = ClassBalance()) -> tuple[float, float, float]:
+    """One pass over `loader` under the run's class balance; returns (mean loss, accuracy, images per second)."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
@@ -127,7 +129,7 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
         images, labels = images.to(device), labels.to(device)
         with autocast(device, amp):
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = balance.loss(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -159,8 +161,10 @@ class TrainingRun:
     """
 
     def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
-                 config: TrainConfig, device: torch.device, reporter: Reporter, settings: dict[str, Any] | None = None):
+                 config: TrainConfig, device: torch.device, reporter: Reporter, settings: dict[str, Any] | None = None,
+                 balance: ClassBalance = ClassBalance()):
         self.model, self.train_loader, self.val_loader = model.to(device), train_loader, val_loader
+        self.balance = balance
         self.classes, self.config, self.device, self.reporter = classes, config, device, reporter
         self.optimizer = build_optimizer(model, config)
         steps_per_epoch = max(1, len(train_loader))
@@ -190,7 +194,7 @@ class TrainingRun:
                 self.model.init_prompts_from_tokens(images)
             if self.config.head_init == "probe":
                 self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
-                                                              self.config.amp, self.reporter)
+                                                              self.config.amp, self.reporter, self.balance)
         self.best_state = self._snapshot()
         if self.val_loader:
             start = evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val")
@@ -228,7 +232,8 @@ class TrainingRun:
         epoch, config = self.epoch + 1, self.config
         started = time.perf_counter()
         loss, acc, speed = train_one_epoch(self.model, self.train_loader, self.optimizer, self.scheduler, self.device,
-                                           config.amp, self.scaler, self.reporter, f"epoch {epoch}/{config.epochs}")
+                                           config.amp, self.scaler, self.reporter, f"epoch {epoch}/{config.epochs}",
+                                           self.balance)
         report = (evaluate(self.model, self.val_loader, self.classes, self.device, config.amp, self.reporter, "val")
                   if self.val_loader else None)
         key = (report.top1, -(report.loss or 0.0)) if report else (float(epoch), 0.0)
@@ -282,7 +287,7 @@ def check_same_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
         config: TrainConfig, device: torch.device, checkpoint: Checkpoint, reporter: Reporter,
-        resume: bool = False, settings: dict[str, Any] | None = None,
+        resume: bool = False, settings: dict[str, Any] | None = None, balance: ClassBalance = ClassBalance(),
         on_epoch: Callable[["TrainingRun"], None] | None = None) -> FitResult:
     """Train with best-on-val selection, early stopping and a checkpoint after every epoch.
 
@@ -291,7 +296,7 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
     checkpoint must come from the same `settings`. `on_epoch(run)` follows every saved epoch (the
     run folder's best/last task files and results).
     """
-    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings)
+    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings, balance)
     try:
         if resume:
             run.resume(checkpoint)

@@ -44,6 +44,8 @@ class EvalReport:
     per_class: list[ClassMetrics]
     confusion: list[list[int]]  # [true][pred], classes x classes
     classes: list[str]
+    # accuracy over classes with many (>100) / medium (20-100) / few (<20) training images, when known
+    shot_groups: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (nested dataclasses become dicts)."""
@@ -251,3 +253,20 @@ def calibration(confidence: Tensor, correct: Tensor, bins: int = 15) -> Calibrat
         mean_conf.append(conf)
         ece += count / total * abs(acc - conf)
     return Calibration(ece, edges.tolist(), accuracy, mean_conf, counts)
+
+
+SHOT_GROUPS = {"many": (101, None), "medium": (20, 100), "few": (0, 19)}  # training images per class, inclusive
+
+
+def shot_group_accuracy(report: EvalReport, train_counts: list[int]) -> dict[str, float | None]:
+    """Accuracy over the evaluated images of the classes in each training-count group (the
+    long-tail convention of Liu et al. 2019); None for a group without evaluated images."""
+    if len(train_counts) != len(report.classes):
+        raise ValueError(f"{len(train_counts)} class counts for {len(report.classes)} classes")
+    groups: dict[str, float | None] = {}
+    for name, (low, high) in SHOT_GROUPS.items():
+        members = [c for c, n in enumerate(train_counts) if n >= low and (high is None or n <= high)]
+        seen = sum(report.per_class[c].support for c in members)
+        hits = sum(report.confusion[c][c] for c in members)
+        groups[name] = hits / seen if seen else None
+    return groups

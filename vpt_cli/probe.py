@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
+from vpt_cli.losses import ClassBalance
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.reporting import Reporter
 from vpt_cli.runtime import autocast
@@ -39,15 +39,16 @@ def extract_features(model: PromptedViT, loader: Iterable, device: torch.device,
 
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    weight_decay: float, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution."""
+                    weight_decay: float, steps: int = 100, balance: ClassBalance = ClassBalance()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution,
+    under the run's class balance (vpt_cli.losses)."""
     weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss = balance.probe_loss(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
         loss.backward()
         return loss
 
@@ -56,12 +57,13 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
-                    device: torch.device, amp: bool, reporter: Reporter) -> float | None:
+                    device: torch.device, amp: bool, reporter: Reporter, balance: ClassBalance = ClassBalance()) -> float | None:
     """Set the head to the best linear probe on the model's initial features (LP-then-tune).
 
     The probe's L2 strength is picked on the val split when there is one. Training then starts
     at the probe's accuracy instead of chance, which is what lets prompts beat the probe on
-    small folders (see README, "Defaults"). Returns the probe's val accuracy.
+    small folders (see README, "Defaults"). When balancing classes, the strength is picked by
+    balanced accuracy, which is what balancing is for. Returns the probe's val score.
     """
     train_x, train_y = extract_features(model, train_loader, device, amp, reporter)
     val_x, val_y = extract_features(model, val_loader, device, amp, reporter) if val_loader else (None, None)
@@ -69,11 +71,9 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn.
     for decay in PROBE_WEIGHT_DECAYS if val_x is not None and len(val_x) else (1e-3,):
-        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay)
-        score = (
-            ((val_x @ weight.T + bias).argmax(1) == val_y).float().mean().item()
-            if val_x is not None and len(val_x) else 0.0
-        )
+        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay, balance=balance)
+        score = (_score((val_x @ weight.T + bias).argmax(1), val_y, balanced=balance.mode != "none")
+                 if val_x is not None and len(val_x) else 0.0)
         if best is None or score > best[0]:
             best = (score, weight, bias)
     assert best is not None
@@ -82,3 +82,11 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
         model.head.bias.copy_(best[2])
     reporter.log(f"linear probe head: val acc {best[0]:.4f}")
     return best[0] if val_x is not None and len(val_x) else None
+
+
+def _score(predicted: torch.Tensor, labels: torch.Tensor, balanced: bool) -> float:
+    """Accuracy, or the mean per-class recall over the classes present."""
+    hits = (predicted == labels).float()
+    if not balanced:
+        return hits.mean().item()
+    return torch.stack([hits[labels == c].mean() for c in labels.unique()]).mean().item()

@@ -33,6 +33,8 @@ def render_train(console: Console, result: TrainResult) -> None:
         f"  images         {result.num_train} train, {result.num_val} val"
         + (f", {len(result.skipped)} skipped (see {safe(result.run_dir / 'skipped.txt')})" if result.skipped else ""),
         f"  val top-1      {_pct(report.top1 if report else None)} ({kept})",
+        *([f"  test top-1     {_pct(result.test_report.top1)} (--trainval: scored once, never selected on)"]
+          if result.test_report else []),
         (f"  probe start    {_pct(result.probe_val_acc)} val top-1: the linear probe fitted on the prompted "
          "start, before prompt training" if result.history else None),
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
@@ -57,6 +59,9 @@ def render_eval(console: Console, result: EvalResult) -> None:
     console.print(
         f"top-1 {_pct(report.top1)}  top-5 {_pct(report.top5)}  balanced acc {_pct(report.balanced_accuracy)}  "
         f"macro F1 {report.macro_f1:.3f}  on {report.num_samples} images", highlight=False)
+    if report.shot_groups:
+        console.print("  ".join(f"{name}-shot {_pct(acc)}" for name, acc in report.shot_groups.items())
+                      + "  (classes with >100 / 20-100 / <20 training images)", highlight=False)
     if result.unknown_classes:
         console.print(f"[yellow]not evaluated[/]: folders unknown to the task: {safe(', '.join(result.unknown_classes))}",
                       highlight=False)

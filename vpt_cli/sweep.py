@@ -151,6 +151,8 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
     if not config.prompt.method.startswith("vpt"):
         raise UsageError(f"vpt sweep tunes prompt training; --method {config.prompt.method} has nothing to sweep "
                          "(linear picks its own L2 strength on val)")
+    if config.data.trainval:
+        raise UsageError("vpt sweep searches on the val split; retrain the winner with vpt train --trainval")
     started = time.perf_counter()
     with claim_task(config, task, force=force, folder=folder) as claimed:
         return _run_claimed(config, plan, claimed, reporter, started)
@@ -178,7 +180,7 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, repor
             trial_cfg = trial_config(config, trial)
             model = PromptedViT(prepared.backbone.model, len(prepared.classes), trial_cfg.prompt)
             run = TrainingRun(model, prepared.train_loader, prepared.val_loader, prepared.classes, trial_cfg.train,
-                              prepared.device, quiet)
+                              prepared.device, quiet, balance=prepared.balance)
             run.start(prepared.probe_loader, starts.get(trial.num_prompts))
             starts.setdefault(trial.num_prompts, (run.best_state, run.state["probe_val_acc"]))
             runs[trial.index] = run

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,12 +26,14 @@ from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, check_weights_reachable, create_backbone
 from vpt_cli.config import RunConfig, apply_overrides
-from vpt_cli.data import ImageDataset, auto_workers, build_transform, discover_splits, make_loader, validate_samples
+from vpt_cli.data import (DecodeCache, ImageDataset, Sample, auto_workers, build_transform, class_counts, decode_size,
+                          discover_splits, few_shot, make_loader, validate_samples)
 from vpt_cli.engine import FitResult, TrainingRun, check_same_settings
 from vpt_cli.errors import DataError, TaskError, UsageError
 from vpt_cli.home import (check_task_name, remove_orphan_temp_files, resolve_task_path, slugify, task_lock,
                           task_name_from)
 from vpt_cli.fileio import numbered_dir, write_text
+from vpt_cli.losses import ClassBalance
 from vpt_cli.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.plots import render_history_png
@@ -57,6 +61,7 @@ class TrainResult:
     backbone_bytes: int
     run_dir: Path
     seconds: float
+    test_report: EvalReport | None = None  # --trainval: the test split, never used for selection
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +73,7 @@ class TrainResult:
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
             "trainable_params": self.trainable_params, "task_bytes": self.task_bytes,
             "backbone_bytes": self.backbone_bytes, "run_dir": str(self.run_dir), "seconds": self.seconds,
+            "test": self.test_report.to_dict() if self.test_report else None,
         }
 
 
@@ -93,6 +99,14 @@ class PreparedRun:
     train_loader: Any
     probe_loader: Any
     val_loader: Any | None
+    test_loader: Any | None  # --trainval: the test split, scored once after training
+    class_counts: list[int]  # training images per class, as trained (after --shots and unreadable files)
+    shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
+
+    @property
+    def balance(self) -> ClassBalance:
+        train = self.config.train
+        return ClassBalance(train.balance, tuple(self.class_counts), train.tau)
 
 
 @dataclass
@@ -102,6 +116,7 @@ class ClaimedTask:
     path: Path
     name: str
     run_dir: Path
+    scratch: Path  # decoded photos for this run (vpt_cli.data.cache), removed when it ends
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -134,8 +149,8 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
     name = task_name_from(path)
     run_name = check_task_name(folder.name) if folder.name is not None else name
     exact = (Path(folder.project) / run_name).resolve()
-    claimed = ClaimedTask(path=path, name=name, run_dir=exact)
-    with task_lock(path):
+    with task_lock(path), tempfile.TemporaryDirectory(prefix="vpt-decoded-") as scratch:
+        claimed = ClaimedTask(path=path, name=name, run_dir=exact, scratch=Path(scratch))
         if path.exists() and not force:
             hint = "it is finished, so there is nothing to resume; " if resume else ""
             raise TaskError(f"task '{name}' already exists at {path}; {hint}pass --force to train it again")
@@ -196,13 +211,18 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     task_path, name = task.path, task.name
     check_weights_reachable(config.backbone)
     seed_everything(config.train.seed)
-    splits = discover_splits(data_root, config.data.val_split, config.train.seed)
-    train_samples, bad_train = validate_samples(splits.train)
-    val_samples, bad_val = validate_samples(splits.val)
+    splits = discover_splits(data_root, config.data.val_split, config.train.seed, data_format=config.data.format,
+                             trainval=config.data.trainval)
+    if config.data.shots is not None:
+        splits.train = few_shot(splits.train, config.data.shots, config.train.seed)
+    backbone = create_backbone(config.backbone)  # first: its input size says how far large photos are drafted
+    eval_size = decode_size(backbone.data_config)
+    train_size = decode_size(backbone.data_config, train=True, augment=config.data.augment)
+    train_samples, bad_train = validate_samples(splits.train, target=min(eval_size, train_size))
+    val_samples, bad_val = validate_samples(splits.val, target=eval_size)
     skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
     if not train_samples:
         raise DataError(f"no readable training images in {data_root}")
-    backbone = create_backbone(config.backbone)
     config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
     config.prompt.resolve_pool(backbone.name)  # ... and the pooling
     patch = backbone.adapter.patch_size
@@ -220,28 +240,49 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     workers = config.data.workers
     batch = config.train.batch_size
     eval_transform = build_transform(backbone.data_config, train=False)
+    eval_decode = DecodeCache(task.scratch, eval_size).load  # each photo decoded once per run, not once per epoch
+    train_decode = DecodeCache(task.scratch, train_size).load
     # Fresh loader workers each epoch (not persistent): they are seeded from the loader's generator,
     # which the checkpoint saves, so a resumed run augments exactly as the uninterrupted one.
-    train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment)),
+    train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment),
+                                            train_decode),
                                batch, shuffle=True, workers=workers, seed=config.train.seed,
-                               drop_last=len(train_samples) > batch, persistent=False)
-    probe_loader = make_loader(ImageDataset(train_samples, eval_transform), batch, False, workers, config.train.seed)
-    val_loader = make_loader(ImageDataset(val_samples, eval_transform), batch, False, workers, config.train.seed) if val_samples else None
-    return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), len(val_samples),
-                       skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader)
+                               drop_last=len(train_samples) > batch, persistent=False,
+                               class_balanced=config.train.balance == "resample")
+    probe_loader = make_loader(ImageDataset(train_samples, eval_transform, eval_decode), batch, False, workers,
+                               config.train.seed)
+    held_out = (make_loader(ImageDataset(val_samples, eval_transform, eval_decode), batch, False, workers,
+                            config.train.seed) if val_samples else None)
+    # --trainval holds out the test split: nothing may be selected on it (probe strength, epoch), it is only scored.
+    val_loader, test_loader = (None, held_out) if config.data.trainval else (held_out, None)
+    num_val = 0 if config.data.trainval else len(val_samples)
+    return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), num_val,
+                       skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader,
+                       test_loader=test_loader,
+                       class_counts=class_counts(train_samples, len(splits.classes)),
+                       shot_files=_relative(train_samples, data_root) if config.data.shots is not None else None)
 
 
-def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None,
-              provenance: dict[str, Any]) -> TaskInfo:
-    """What a task file made from this run says about itself."""
+def _relative(samples: list[Sample], data_root: Path) -> list[str]:
+    """Sample paths relative to DATA (to a list file's folder), so the record travels with the data."""
+    base = data_root if data_root.is_dir() else data_root.parent
+    return [os.path.relpath(sample.path, base) for sample in samples]
+
+
+def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, provenance: dict[str, Any],
+              test_report: EvalReport | None = None) -> TaskInfo:
+    """What a task file made from this run says about itself (`test_report`: --trainval's test
+    split, scored once and never selected on)."""
     return TaskInfo(
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
         img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
-        metrics=_summary(report),
+        metrics={**_summary(report, "val"), **_summary(test_report, "test")},
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
             "num_val": run.num_val, "seed": config.train.seed, "stores": STORED_TENSORS[config.prompt.method],
+            "class_counts": run.class_counts,
+            **({"shots": {"k": config.data.shots, "files": run.shot_files}} if run.shot_files is not None else {}),
             "config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"vpt_cli": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},
@@ -295,14 +336,15 @@ def resolved_args(config: RunConfig, backbone: Backbone, workers: int) -> RunCon
 
 
 def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result: FitResult, started: float,
-                 extra_provenance: dict[str, Any] | None = None) -> TrainResult:
+                 extra_provenance: dict[str, Any] | None = None, test_report: EvalReport | None = None) -> TrainResult:
     """Write the task file (its metadata says what it stores and how it was made) and the run's
     results; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
     report, history = result.best_report, result.history
     skipped = run.skipped + [item for item in failures_while_loading(run) if item not in run.skipped]
     info = task_info(run, config, report, {"skipped": len(skipped), "best_epoch": result.best_epoch,
                                            "selection": result.selection, "epochs_run": len(history),
-                                           "run_dir": str(run.run_dir), **(extra_provenance or {})})
+                                           "run_dir": str(run.run_dir), **(extra_provenance or {})},
+                     test_report=test_report)
     saved = Task(info=info, tensors=model.task_state_dict())
     save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
     write_skipped(run.run_dir, skipped)
@@ -315,7 +357,7 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
         num_train=run.num_train, num_val=run.num_val, skipped=skipped, trainable_params=trainable,
         task_bytes=saved.size_bytes,
         backbone_bytes=sum(t.numel() * t.element_size() for t in run.backbone.model.state_dict().values()),
-        run_dir=run.run_dir, seconds=time.perf_counter() - started,
+        run_dir=run.run_dir, seconds=time.perf_counter() - started, test_report=test_report,
     )
 
 
@@ -325,16 +367,17 @@ def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
 
 def failures_while_loading(run: PreparedRun) -> list[tuple[str, str]]:
     """Images that passed the header check up front but failed to decode during training."""
-    loaders = (run.train_loader, run.probe_loader, run.val_loader)
+    loaders = (run.train_loader, run.probe_loader, run.val_loader, run.test_loader)
     found = [(str(path), reason) for loader in loaders if loader is not None for path, reason in loader.dataset.failures]
     return list(dict.fromkeys(found))
 
 
-def _summary(report: EvalReport | None) -> dict[str, Any]:
+def _summary(report: EvalReport | None, split: str) -> dict[str, Any]:
     if report is None:
         return {}
-    return {"val_top1": report.top1, "val_top5": report.top5, "val_balanced_accuracy": report.balanced_accuracy,
-            "val_macro_f1": report.macro_f1, "val_samples": report.num_samples}
+    return {f"{split}_top1": report.top1, f"{split}_top5": report.top5,
+            f"{split}_balanced_accuracy": report.balanced_accuracy, f"{split}_macro_f1": report.macro_f1,
+            f"{split}_samples": report.num_samples}
 
 
 def _jsonable(value: Any) -> Any:
