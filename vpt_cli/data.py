@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchvision import transforms
 
 from vpt_cli.config import AUGMENTS
 from vpt_cli.errors import DataError, UsageError
+from vpt_cli.sharding import ShardedBatchSampler
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -507,22 +508,25 @@ def auto_workers(num_items: int) -> int:
 
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False,
-    persistent: bool = True,
+    persistent: bool = True, shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
-    """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`)."""
+    """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`).
+
+    `batch_size` is the global batch; with `shard` = (rank, world) this process loads only its
+    slice of each one (vpt_cli.sharding), drawn from the same shuffle as a single process.
+    """
     workers = auto_workers(len(dataset)) if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=ShardedBatchSampler(BatchSampler(order, batch_size, drop_last), *shard),
         num_workers=workers,
         collate_fn=collate_skip_bad,
         generator=generator,
         persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
     )
 
 
