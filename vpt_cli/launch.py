@@ -1,0 +1,110 @@
+"""`--devices`: run this same command under torchrun, one process per device, so a user never
+writes the torchrun line for a single machine (as Ultralytics does).
+
+The launcher is torch's own elastic agent (what `torchrun --standalone` runs); its log lines are
+silenced and its failure report becomes one line with a documented exit code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from vpt_cli.errors import UsageError, VPTError
+
+# Exit codes a vpt process ends with after printing its own line (README, "Exit codes").
+REPORTED_CODES = frozenset({2, 3, 4, 5, 6, 7, 130, 143})
+LAUNCHED_ENV = "VPT_LAUNCHED"  # set in the processes the launcher starts
+
+
+class ProcessDied(VPTError):
+    """A process of a `--devices` job ended without saying why (killed, out of memory, a crash)."""
+
+
+def parse_devices(spec: str) -> tuple[int, str | None]:
+    """'0,1' -> (2, '0,1'): those GPUs; '4' -> (4, None): the first 4 GPUs; 'cpu:2' -> (2, 'cpu'):
+    2 processes on the CPU."""
+    text = spec.strip().lower()
+    try:
+        if text.startswith("cpu:"):
+            count, where = int(text[4:]), "cpu"
+        elif "," in text:
+            ids = [int(item) for item in text.split(",") if item.strip()]
+            if len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError
+            count, where = len(ids), ",".join(map(str, ids))
+        else:
+            count, where = int(text), None
+    except ValueError:
+        raise UsageError(f"--devices takes GPU ids (0,1), a GPU count (4) or cpu:N, not '{spec}'") from None
+    if count < 1:
+        raise UsageError(f"--devices {spec} asks for no process")
+    return count, where
+
+
+def check_gpus(spec: str, count: int, where: str | None) -> None:
+    """A GPU request this machine cannot meet is a usage error, before anything starts."""
+    import torch
+
+    if where == "cpu":
+        return
+    available = torch.cuda.device_count()
+    needed = max(map(int, where.split(","))) + 1 if where else count
+    if needed > available:
+        raise UsageError(f"--devices {spec} needs {needed} GPUs; this machine has {available}"
+                         + ("" if available else " (cpu:N runs N CPU processes)"))
+
+
+def without_devices(argv: list[str]) -> list[str]:
+    """The command line less its `--devices X` / `--devices=X`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            kept.append(arg)
+    return kept
+
+
+def launch(spec: str, argv: list[str]) -> int:
+    """Run `python -m vpt_cli <argv without --devices>` in one process per requested device and
+    return the job's exit code. A process that dies unannounced ends the job with one line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    count, where = parse_devices(spec)
+    check_gpus(spec, count, where)
+    if where not in (None, "cpu"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = where
+    os.environ[LAUNCHED_ENV] = "1"
+    args = without_devices(argv) + ["--device", "cpu" if where == "cpu" else "cuda"]
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"vpt-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    _silence_torch_logs()
+    try:
+        elastic_launch(config, sys.executable)("-m", "vpt_cli", *args)
+    except SignalException as exc:
+        if exc.sigval == signal.SIGINT:
+            return 130  # every process saw the Ctrl-C and rank 0 said what it saved
+        raise ProcessDied(f"stopped by {exc.sigval.name}: finished epochs are saved in the run folder's "
+                          "checkpoint; continue with --resume") from None
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode in REPORTED_CODES:
+            return failure.exitcode
+        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
+               else f"failed with exit code {failure.exitcode}")
+        raise ProcessDied(f"process {rank} of {count} {how}, which ended the job; finished epochs are saved in "
+                          "the run folder's checkpoint: continue with --resume") from None
+    return 0
+
+
+def _silence_torch_logs() -> None:
+    """The elastic agent logs every start and stop; the launcher reports in one line instead."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
