@@ -2,9 +2,13 @@
 must equal the 1-process run with the same global batch."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,52 +63,121 @@ def test_devices_beyond_the_machine_or_malformed_are_one_line_usage_errors(spec)
     assert len(result.output.strip().splitlines()) == 1 and "--devices" in result.output
 
 
-def _train_flags(weights: Path) -> list[str]:
+def _train_flags(weights: Path, epochs: int = 2) -> list[str]:
     arch = [flag for key, value in TINY_KWARGS.items() for flag in ("--backbone-arg", f"{key}={value}")]
     return ["--backbone", "vit_tiny_patch16_224", "--backbone-weights", str(weights), "--img-size", "32", *arch,
-            "--prompts", "2", "--prompt-dropout", "0", "--augment", "none", "--epochs", "2", "--workers", "0",
+            "--prompts", "2", "--prompt-dropout", "0", "--augment", "none", "--epochs", str(epochs), "--workers", "0",
             "--batch-size", str(GLOBAL_BATCH), "--seed", "3", "--select", "last"]
 
 
-def _vpt(*args: str) -> subprocess.CompletedProcess:
+def _vpt(*args: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
     # this checkout's vpt_cli, whatever the environment has installed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "vpt_cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    command = [sys.executable, "-m", "vpt_cli", *args]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_two_gloo_processes_train_evaluate_and_predict_what_one_process_does(tiny_weights, tmp_path):
-    config = RunConfig(backbone=tiny_config(weights=str(tiny_weights)),
-                       train=TrainConfig(epochs=2, batch_size=GLOBAL_BATCH, seed=3, select="last"))
+def _single_run(weights: Path, epochs: int) -> RunConfig:
+    """The 1-process twin of `_train_flags`."""
+    config = RunConfig(backbone=tiny_config(weights=str(weights)),
+                       train=TrainConfig(epochs=epochs, batch_size=GLOBAL_BATCH, seed=3, select="last"))
     config.prompt.num_prompts, config.prompt.dropout = 2, 0.0
     config.data.path, config.data.augment, config.data.workers = str(SAMPLE), "none", 0
-    single = api.train(config, task="single")
+    return config
+
+
+def _max_difference(task_a: Path, task_b: Path) -> float:
+    a, b = load_task(task_a).tensors, load_task(task_b).tensors
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_gloo_processes_train_what_one_process_trains(tiny_weights, tmp_path):
+    """`--devices cpu:2` relaunches the command as 2 gloo processes with global batch 25 (shares 13
+    and 12); with prompt dropout 0 and no augmentation nothing random differs, so the task equals
+    the 1-process task."""
+    single = api.train(_single_run(tiny_weights, epochs=2), task="single")
 
     result = _vpt("train", str(SAMPLE), "--task", "double", *_train_flags(tiny_weights), "--devices", "cpu:2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes: global batch 25, 13 or 12 images per process" in result.stderr
     assert result.stdout.count("task 'double'") <= 1  # rank 0 alone renders
-    expected = load_task(single.task_path).tensors
-    got = load_task(Path(os.environ["VPT_HOME"]) / "tasks" / "double.safetensors").tensors
-    assert set(got) == set(expected)
-    assert max((got[k] - expected[k]).abs().max().item() for k in expected) < 1e-4
+    assert _max_difference(single.task_path, Path(os.environ["VPT_HOME"]) / "tasks" / "double.safetensors") < 1e-4
     assert sorted(p.name for p in (tmp_path / "runs" / "train").iterdir()) == ["double", "single"]
 
-    evaluated = _vpt("eval", str(SAMPLE / "val"), "--task", "single", "--json", "--devices", "cpu:2",
-                     "--batch-size", "25", "--output-dir", str(tmp_path / "eval2"))
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    alone = api.evaluate(SAMPLE / "val", "single", batch_size=25, output_dir=tmp_path / "eval1")
-    import json
 
-    shared = json.loads(evaluated.stdout)
-    assert shared["num_samples"] == alone.report.num_samples == 60  # every image once, none padded
-    assert shared["top1"] == alone.report.top1 and shared["loss"] == pytest.approx(alone.report.loss, abs=1e-5)
-    assert (tmp_path / "eval2" / "predictions.csv").read_text().splitlines()[0] == "file,true,predicted,confidence"
-    assert len((tmp_path / "eval2" / "predictions.csv").read_text().splitlines()) == 61
+def _shard_worker(rank: int, port: int, home: str, out: str) -> None:
+    """One of 2 torchrun-like processes: evaluate and predict with the task `single`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), VPT_HOME=home)
+    torch.set_num_threads(1)
+    evaluated = api.evaluate(SAMPLE / "val", "single", batch_size=25, device="cpu", workers=0,
+                             output_dir=Path(out) / "eval2")
+    predicted = api.predict([str(SAMPLE / "val" / "bag")], "single", top_k=3, batch_size=4, device="cpu", workers=0)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"eval": evaluated.to_dict(), "predict": predicted.to_dict()}))
 
-    predicted = _vpt("predict", str(SAMPLE / "val" / "bag"), "--task", "single", "--format", "csv",
-                     "--devices", "cpu:2", "--quiet")
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
-    alone_rows = api.predict([str(SAMPLE / "val" / "bag")], "single", top_k=3)
-    rows = predicted.stdout.strip().splitlines()[1:]
-    assert [row.split(",")[0] for row in rows[::3]] == [p.file for p in alone_rows.predictions]
+
+def test_two_gloo_processes_evaluate_and_predict_what_one_process_does(tiny_weights, tmp_path):
+    """Each process takes its share (eval: of every batch; predict: a block of the images); every
+    image counts once (60 val images, the last batch of 10 split 5 + 5) and both processes return
+    the whole answer in the single-process order."""
+    config = RunConfig(backbone=tiny_config(weights=str(tiny_weights)), train=TrainConfig(epochs=1))
+    config.prompt.num_prompts, config.data.path = 2, str(SAMPLE)
+    api.train(config, task="single")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_shard_worker, args=(port, os.environ["VPT_HOME"], str(tmp_path)), nprocs=2)
+    alone_eval = api.evaluate(SAMPLE / "val", "single", batch_size=25, workers=0, output_dir=tmp_path / "eval1")
+    alone_predict = api.predict([str(SAMPLE / "val" / "bag")], "single", top_k=3, workers=0)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0] == ranks[1]
+    shared = ranks[0]["eval"]
+    assert shared["num_samples"] == alone_eval.report.num_samples == 60
+    assert shared["top1"] == alone_eval.report.top1 and shared["loss"] == pytest.approx(alone_eval.report.loss, abs=1e-5)
+    assert (tmp_path / "eval2" / "predictions.csv").read_text() == (tmp_path / "eval1" / "predictions.csv").read_text()
+    expected = alone_predict.to_dict()["predictions"]
+    got = ranks[0]["predict"]["predictions"]
+    assert [p["file"] for p in got] == [p["file"] for p in expected]
+    assert all(a["class"] == b["class"] and a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+               for x, y in zip(got, expected) for a, b in zip(x["top"], y["top"]))
+
+
+def _launched_rank(launcher: int, rank: int) -> int | None:
+    """The pid of the process of `rank` that the --devices launcher `launcher` started."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the processes through /proc")
+def test_a_killed_process_ends_the_job_in_one_line_and_resume_continues_it(tiny_weights, tmp_path):
+    epochs = 8
+    job = _vpt("train", str(SAMPLE), "--task", "killed", *_train_flags(tiny_weights, epochs), "--devices", "cpu:2",
+               wait=False)
+    checkpoint = tmp_path / "runs" / "train" / "killed" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim = _launched_rank(job.pid, 1)
+    assert victim is not None, job.communicate()[1][-2000:]
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode not in (0, None)
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "process 1 of 2 was killed by SIGKILL" in errors[0] and "--resume" in errors[0], stderr
+
+    resumed = _vpt("train", str(SAMPLE), "--task", "killed", *_train_flags(tiny_weights, epochs), "--devices", "cpu:2",
+                   "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch" in resumed.stderr
+    single = api.train(_single_run(tiny_weights, epochs), task="single")
+    assert _max_difference(single.task_path, Path(os.environ["VPT_HOME"]) / "tasks" / "killed.safetensors") < 1e-4
