@@ -111,10 +111,11 @@ def sum_values(*values: float) -> list[float]:
 def step_divisor(local_count: int) -> float:
     """What this process divides its summed loss by. DDP averages gradients over the N processes,
     so dividing by (global batch / N) makes the step the single-process step on the global batch's
-    mean loss, even when the shares differ (one image more here, a skipped image there)."""
+    mean loss, even when the shares differ (one image more here, a skipped image there). A step
+    with no image anywhere adds zero gradients rather than NaN."""
     if world_size() == 1:
         return float(local_count)
-    return sum_values(local_count)[0] / world_size()
+    return max(sum_values(local_count)[0], 1.0) / world_size()
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpt_cli.checkpoint import Checkpoint
 from vpt_cli import distributed
+from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.errors import TaskError, TrainingInterrupted
 from vpt_cli.metrics import EvalReport, MetricAccumulator
@@ -272,7 +272,7 @@ class TrainingRun:
         if generator is not None:
             rng["loader"] = generator.get_state()
         if distributed.is_main():
-                checkpoint.save(model=self.model, best_state=self.best_state, optimizer=self.optimizer,
+            checkpoint.save(model=self.model, best_state=self.best_state, optimizer=self.optimizer,
                             scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
 
     def finish(self, stopped_early: bool) -> FitResult:

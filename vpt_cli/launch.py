@@ -80,6 +80,8 @@ def launch(spec: str, argv: list[str]) -> int:
     check_gpus(spec, count, where)
     if where not in (None, "cpu"):
         os.environ["CUDA_VISIBLE_DEVICES"] = where
+    if where == "cpu":  # the cores are shared out, not oversubscribed N times (as torchrun does)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
     os.environ[LAUNCHED_ENV] = "1"
     args = without_devices(argv) + ["--device", "cpu" if where == "cpu" else "cuda"]
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=f"vpt-{os.getpid()}",
