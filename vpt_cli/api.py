@@ -225,8 +225,9 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
     wanted = [[names.index(name) for name in row] for row in requested]
     pairs_per_image = sum(map(len, wanted)) / len(wanted)
     image_batch = max(1, round((batch_size or server.auto_batch_size()) / pairs_per_image))
-    block = distributed.own_block(len(files))
-    everything, files, wanted, listed_failures, failures = files, files[block], wanted[block], failures, []
+    block = distributed.own_block(len(files))  # this process's images; the answers are gathered below
+    everything, files, wanted = files, files[block], wanted[block]
+    listed_failures, failures = failures, []
     dataset = ImageDataset([Sample(file, 0) for file in files], server.transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=image_batch, shuffle=False, collate_fn=collate_skip_bad,
                                          num_workers=auto_workers(len(files)) if workers is None else workers)
