@@ -106,8 +106,9 @@ RunNameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Run folder name, numbered name2, name3, ... when taken. \\[default: the task name]")]
 ExistOkOpt = Annotated[bool, typer.Option("--exist-ok", help="Reuse an existing run folder instead of numbering a new one.")]
 DevicesOpt = Annotated[Optional[str], typer.Option(
-    "--devices", help="Data-parallel over several devices: GPU ids (0,1), a GPU count (4) or cpu:N (N CPU "
-    "processes); starts this command under torchrun, one process per device. --batch-size stays the global batch.")]
+    "--devices", help="Data-parallel over several devices: GPU ids (0,1; 3, for GPU 3 alone), a GPU count (4) "
+    "or cpu:N (N CPU processes); starts this command under torchrun, one process per device. "
+    "--batch-size stays the global batch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
 

@@ -23,8 +23,8 @@ class ProcessDied(VPTError):
 
 
 def parse_devices(spec: str) -> tuple[int, str | None]:
-    """'0,1' -> (2, '0,1'): those GPUs; '4' -> (4, None): the first 4 GPUs; 'cpu:2' -> (2, 'cpu'):
-    2 processes on the CPU."""
+    """'0,1' -> (2, '0,1'): those GPUs ('3,' is GPU 3 alone); '4' -> (4, None): the first 4 GPUs;
+    'cpu:2' -> (2, 'cpu'): 2 processes on the CPU."""
     text = spec.strip().lower()
     try:
         if text.startswith("cpu:"):
@@ -39,7 +39,7 @@ def parse_devices(spec: str) -> tuple[int, str | None]:
     except ValueError:
         raise UsageError(f"--devices takes GPU ids (0,1), a GPU count (4) or cpu:N, not '{spec}'") from None
     if count < 1:
-        raise UsageError(f"--devices {spec} asks for no process")
+        raise UsageError(f"--devices {spec} asks for no process (GPU 0 alone is --devices 0,)")
     return count, where
 
 
