@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from vpt_cli import api
 from vpt_cli.artifact import load_task
 from vpt_cli.cli import app
 from vpt_cli.config import RunConfig, TrainConfig
-from vpt_cli.launch import parse_devices, without_devices
+from vpt_cli.launch import parse_devices, root_cause, without_devices
 from vpt_cli.sharding import ShardedBatchSampler, shard_bounds
 
 from conftest import TINY_KWARGS, tiny_config
@@ -51,6 +52,16 @@ def test_devices_specs_and_the_relaunched_command_line():
     assert parse_devices("3,") == (1, "3")
     assert without_devices(["train", "d", "--devices", "0,1", "--epochs", "2", "--devices=3"]) == [
         "train", "d", "--epochs", "2"]
+
+
+def test_the_job_blames_the_killed_process_not_the_ones_that_failed_or_stopped_after_it():
+    failed = lambda code, at: SimpleNamespace(exitcode=code, timestamp=at)  # noqa: E731
+    killed = {0: failed(1, 10), 1: failed(-9, 11), 2: failed(-15, 11)}  # 0 lost its peer before the agent saw 1 die
+    assert root_cause(killed)[0] == 1
+    crashed = {0: failed(143, 12), 1: failed(1, 12)}  # 0 was stopped because 1 crashed
+    assert root_cause(crashed)[0] == 1
+    refused = {0: failed(5, 3), 1: failed(5, 3)}  # every process refused the same task: rank 0 said why
+    assert root_cause(refused) == (0, refused[0])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 64, reason="needs a machine with fewer than 64 GPUs")

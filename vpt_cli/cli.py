@@ -148,6 +148,10 @@ def _run(action: Callable[[], Any]) -> Any:
     except Exception as exc:
         if os.environ.get("VPT_DEBUG"):
             raise
+        from vpt_cli.launch import leave_for_launcher
+
+        if leave_for_launcher(exc):
+            raise typer.Exit(1) from None
         where = f"rank {os.environ['RANK']}: " if _follower() else ""
         err.print(f"[bold red]{where}internal error:[/] {type(exc).__name__}: {safe(one_line(exc, 300))} "
                   "(set VPT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)

@@ -6,12 +6,15 @@ silenced and its failure report becomes one line with a documented exit code.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import time
+from typing import Any
 
-from vpt_cli.errors import UsageError, VPTError
+from vpt_cli.errors import UsageError, VPTError, one_line
 
 # Exit codes a vpt process ends with after printing its own line (README, "Exit codes").
 REPORTED_CODES = frozenset({2, 3, 4, 5, 6, 7, 130, 143})
@@ -95,14 +98,39 @@ def launch(spec: str, argv: list[str]) -> int:
         raise ProcessDied(f"stopped by {exc.sigval.name}: finished epochs are saved in the run folder's "
                           "checkpoint; continue with --resume") from None
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = root_cause(exc.failures)
         if failure.exitcode in REPORTED_CODES:
             return failure.exitcode
         how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
-               else f"failed with exit code {failure.exitcode}")
+               else f"failed: {failure.message} (set VPT_DEBUG=1 for the traceback)")
         raise ProcessDied(f"process {rank} of {count} {how}, which ended the job; finished epochs are saved in "
                           "the run folder's checkpoint: continue with --resume") from None
     return 0
+
+
+def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The process that ended the job. One killed by a signal (out of memory, kill -9) is the
+    cause: the others then fail in their next collective or are stopped by the agent (SIGTERM,
+    handled: 143, or not yet: -15). Otherwise the earliest failure that is not such a stop, the
+    lowest rank on a tie."""
+    stopped = {143, -signal.SIGTERM}
+    ranked = sorted(failures.items())
+    killed = [item for item in ranked if item[1].exitcode < 0 and item[1].exitcode not in stopped]
+    own = [item for item in ranked if item[1].exitcode not in stopped]
+    return killed[0] if killed else min(own or ranked, key=lambda item: item[1].timestamp)
+
+
+def leave_for_launcher(exc: BaseException) -> bool:
+    """In a process the launcher started, hand an unexpected error to it (torch's per-process
+    error file) instead of printing: it may only be the echo of another process's death, and the
+    launcher says in one line which process ended the job. False elsewhere."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not (os.environ.get(LAUNCHED_ENV) and path):
+        return False
+    message = f"{type(exc).__name__}: {one_line(exc, 300)}"
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"message": message, "timestamp": int(time.time())}, handle)
+    return True
 
 
 def _silence_torch_logs() -> None:
