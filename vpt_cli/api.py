@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from vpt_cli import distributed
 from vpt_cli.home import resolve_task_path, slugify, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, decode_size,
@@ -47,8 +48,11 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
     is loaded). Ctrl-C or SIGTERM raise TrainingInterrupted, saying what can be resumed. The run's
     files go to `folder` (default `runs/train/<task>` under the current folder, numbered):
     args.yaml, results.csv/png, best/last.safetensors, skipped.txt and the checkpoint.
+    Under torchrun every process trains its share of each global batch (README, "Several GPUs or
+    machines"); rank 0 alone writes and reports.
     """
-    reporter = reporter or Reporter()
+    distributed.join_from_env(config.train.device)
+    reporter = distributed.main_reporter(reporter or Reporter())
     started = time.perf_counter()
     settings = run_settings(config)  # as given, before 'auto' values are resolved
     with claim_task(config, task, force=force, resume=resume, folder=folder) as claimed:
@@ -71,7 +75,8 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
         else:
             result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
                          run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
-                         balance=run.balance, on_epoch=epoch_writer(run, config))
+                         balance=run.balance,
+                         on_epoch=epoch_writer(run, config) if distributed.is_main() else None)
         test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test")
                 if run.test_loader else None)
         return save_trained(run, model, config, result, started, test_report=test)
@@ -96,6 +101,7 @@ def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], promp
           reporter: SweepReporter | None = None, folder: RunFolder | None = None) -> SweepResult:
     """Search lr x weight decay (x prompt length) on the val split with successive halving and
     keep the best trial as the task (vpt_cli.sweep)."""
+    distributed.refuse_under_torchrun("vpt sweep", "its trials run one after another on one device")
     plan = plan_sweep(lrs, weight_decays, prompt_lengths, config.train.epochs, eta, budget)
     return run_sweep(config, plan, task=task, force=force, reporter=reporter,
                      folder=folder or RunFolder(project="runs/sweep"))
@@ -129,8 +135,10 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     ... rather than overwriting; `output_dir` to choose one): metrics.json, confusion.csv,
     confusion.png, confusion_normalized.png, reliability.png (with the expected calibration
     error), predictions.csv (file, true, predicted, confidence) and a self-contained report.html.
+    Under torchrun each process evaluates its share of every batch; rank 0 writes the whole set's.
     """
-    reporter = reporter or Reporter()
+    distributed.join_from_env(device)
+    reporter = distributed.main_reporter(reporter or Reporter())
     name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
     loaded = load_for_inference(task, backbone_weights, device)
     classes = loaded.classes
@@ -142,28 +150,33 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
         raise DataError(f"no readable images of the task's classes in {data}")
     dataset = ImageDataset(good, build_transform(loaded.backbone.data_config, train=False),
                            partial(load_image, target=size))  # one pass: draft decoding, no cache
-    loader = make_loader(dataset, batch_size, False, workers, 0)
-    answers: list[SamplePrediction] = []
+    loader = make_loader(dataset, batch_size, False, workers, 0, shard=distributed.shard())
+    found: list[tuple[int, SamplePrediction]] = []
 
     def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         confidence, predicted = logits.softmax(1).max(1)
-        answers.extend(SamplePrediction(str(good[i].path), classes[t], classes[p], c)
-                       for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
+        found.extend((i, SamplePrediction(str(good[i].path), classes[t], classes[p], c))
+                     for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
 
     report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep)
+    answers = [answer for _, answer in sorted(distributed.gather_lists(found), key=lambda pair: pair[0])]
     counts = loaded.task.info.provenance.get("class_counts")
     if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
         report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
-    skipped += [(str(path), reason) for path, reason in loader.dataset.failures]
+    skipped += distributed.gather_lists([(str(path), reason) for path, reason in loader.dataset.failures])
     calibrated = calibration(torch.tensor([a.confidence for a in answers]),
                              torch.tensor([a.true == a.predicted for a in answers]))
-    try:
-        out = Path(output_dir) if output_dir else numbered_dir(Path("runs") / "eval", name)
-        result = EvalResult(name, report, calibrated, unknown, skipped, out, {})
-        _write_eval_files(result, answers, title=f"{name} on {Path(data).resolve().name}")
-    except OSError as exc:
-        raise UsageError(f"cannot write the eval files to {output_dir or 'runs/eval'}: {exc.strerror or exc}") from None
-    return result
+
+    def write() -> EvalResult:
+        try:
+            out = Path(output_dir) if output_dir else numbered_dir(Path("runs") / "eval", name)
+            result = EvalResult(name, report, calibrated, unknown, skipped, out, {})
+            _write_eval_files(result, answers, title=f"{name} on {Path(data).resolve().name}")
+        except OSError as exc:
+            raise UsageError(f"cannot write the eval files to {output_dir or 'runs/eval'}: {exc.strerror or exc}") from None
+        return result
+
+    return distributed.from_main(write)
 
 
 def _write_eval_files(result: EvalResult, answers: list[SamplePrediction], title: str) -> None:
@@ -218,9 +231,11 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
 
     Several tasks share every batch: each image is paired with each of its tasks (all of `task`,
     or its rows of the `tasks_from` CSV) and all pairs take one backbone pass. `batch_size`
-    counts pairs; None picks one for the device.
+    counts pairs; None picks one for the device. Under torchrun each process answers a contiguous
+    block of the images and every process returns all answers, in the single-process order.
     """
-    reporter = reporter or Reporter()
+    distributed.join_from_env(device)
+    reporter = distributed.main_reporter(reporter or Reporter())
     names = [str(task)] if isinstance(task, (str, Path)) else [str(t) for t in task]
     if tasks_from is not None:
         if inputs or names:
@@ -239,6 +254,9 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
     wanted = [[names.index(name) for name in row] for row in requested]
     pairs_per_image = sum(map(len, wanted)) / len(wanted)
     image_batch = max(1, round((batch_size or server.auto_batch_size()) / pairs_per_image))
+    block = distributed.own_block(len(files))  # this process's images; the answers are gathered below
+    everything, files, wanted = files, files[block], wanted[block]
+    listed_failures, failures = failures, []
     dataset = ImageDataset([Sample(file, 0) for file in files], server.transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=image_batch, shuffle=False, collate_fn=collate_skip_bad,
                                          num_workers=auto_workers(len(files)) if workers is None else workers)
@@ -260,8 +278,11 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
         reporter.advance(len(expected))
     reporter.finish()
     elapsed = time.perf_counter() - started
+    predictions = distributed.gather_lists(predictions)
+    failures = listed_failures + distributed.gather_lists(failures)
+    read = int(distributed.sum_values(read)[0])
     if not predictions:
-        raise PredictError(f"none of the {len(files)} inputs could be read (first: {failures[0][0]}: {failures[0][1]})")
+        raise PredictError(f"none of the {len(everything)} inputs could be read (first: {failures[0][0]}: {failures[0][1]})")
     return PredictResult(server.names, predictions, failures, read / max(elapsed, 1e-9), read)
 
 

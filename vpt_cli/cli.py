@@ -121,6 +121,10 @@ ProjectOpt = Annotated[Optional[Path], typer.Option(
 RunNameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Run folder name, numbered name2, name3, ... when taken. \\[default: the task name]")]
 ExistOkOpt = Annotated[bool, typer.Option("--exist-ok", help="Reuse an existing run folder instead of numbering a new one.")]
+DevicesOpt = Annotated[Optional[str], typer.Option(
+    "--devices", help="Data-parallel over several devices: GPU ids (0,1; 3, for GPU 3 alone), a GPU count (4) "
+    "or cpu:N (N CPU processes); starts this command under torchrun, one process per device. "
+    "--batch-size stays the global batch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
 
@@ -148,20 +152,49 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except VPTError as exc:
-        err.print(f"[bold red]error:[/] {safe(one_line(exc, 1000))}", highlight=False, soft_wrap=True)
+        if _reports(exc):
+            err.print(f"[bold red]error:[/] {safe(one_line(exc, 1000))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
-        err.print("[bold red]interrupted[/]" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""))
+        if _reports(exc):
+            err.print("[bold red]interrupted[/]" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""))
         raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+    except typer.Exit:  # the --devices launcher's exit code
+        raise
     except Exception as exc:
         if os.environ.get("VPT_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {safe(one_line(exc, 300))} "
+        from vpt_cli.launch import leave_for_launcher
+
+        if leave_for_launcher(exc):
+            raise typer.Exit(1) from None
+        where = f"rank {os.environ['RANK']}: " if _follower() else ""
+        err.print(f"[bold red]{where}internal error:[/] {type(exc).__name__}: {safe(one_line(exc, 300))} "
                   "(set VPT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _follower() -> bool:
+    """A torchrun process other than rank 0: it computes its share; rank 0 reports and writes."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def _reports(exc: BaseException) -> bool:
+    """Whether this process prints `exc`'s line: errors every process shares are rank 0's to say,
+    and a SIGTERM the --devices launcher sent is the launcher's (it says which process died)."""
+    stopped = isinstance(exc, Terminated) or getattr(exc, "exit_code", None) == Terminated.exit_code
+    return not _follower() and not (stopped and os.environ.get("VPT_LAUNCHED"))
+
+
+def _launch(devices: Optional[str]) -> None:
+    """With --devices, run this command under torchrun instead (vpt_cli.launch) and exit with its code."""
+    if devices is not None:
+        from vpt_cli.launch import launch
+
+        raise typer.Exit(launch(devices, sys.argv[1:]))
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -301,6 +334,7 @@ def train(
     project: ProjectOpt = None,
     name: RunNameOpt = None,
     exist_ok: ExistOkOpt = False,
+    devices: DevicesOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -313,6 +347,7 @@ def train(
         from vpt_cli import api
         from vpt_cli.config import load_config
 
+        _launch(devices)
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
                                       seed=seed, device=device, workers=workers, data_format=data_format,
@@ -333,6 +368,8 @@ def train(
         else:
             result = api.train(load_config(config, overrides), task=task, force=force, reporter=_reporter(quiet),
                                folder=run_folder)
+        if _follower():
+            return
         if as_json:
             _print_json(result.to_dict())
             return
@@ -428,6 +465,7 @@ def evaluate(
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     output_dir: Optional[Path] = typer.Option(None, help="Folder for report.html, metrics.json, predictions.csv and the pictures. \\[default: runs/eval/<task>, numbered <task>2, ... instead of overwriting]"),
+    devices: DevicesOpt = None,
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
@@ -436,8 +474,11 @@ def evaluate(
     def action() -> None:
         from vpt_cli import api
 
+        _launch(devices)
         result = api.evaluate(data, task, _path(backbone_weights), batch_size, device.value, workers, amp,
                               output_dir, _reporter(quiet), split=split, data_format=data_format.value)
+        if _follower():
+            return
         if as_json:
             _print_json(result.to_dict())
             return
@@ -464,6 +505,7 @@ def predict(
     device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision inference."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    devices: DevicesOpt = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Predict the classes of images for one or more tasks. Exits non-zero only if no input could be read.
@@ -474,6 +516,7 @@ def predict(
     def action() -> None:
         from vpt_cli import api
 
+        _launch(devices)
         if tasks_from is None and not (images and task):
             raise UsageError("give IMAGES and at least one --task, or --tasks-from FILE.csv")
         if batch_size is not None and batch_size < 1:
@@ -485,6 +528,8 @@ def predict(
             raise UsageError(f"{output} exists; pass --force to overwrite it")
         result = api.predict(images or [], task, top_k, _path(backbone_weights), batch_size, device.value, workers, amp,
                              _reporter(quiet or fmt is not OutputFormat.table), tasks_from=tasks_from)
+        if _follower():
+            return
         for file, reason in result.failures:
             err.print(f"[yellow]skipped[/] {safe(file)}: {safe(reason)}", highlight=False)
         several = len(result.tasks) > 1

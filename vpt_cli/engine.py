@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vpt_cli import distributed
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.errors import TaskError, TrainingInterrupted
@@ -110,6 +111,8 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: tor
             on_batch(indices, logits.cpu(), labels.cpu())
         reporter.advance(len(labels))
     reporter.finish()
+    if distributed.world_size() > 1:
+        accumulator.sum_across(distributed.sum_across)
     return accumulator.report(classes)
 
 
@@ -117,31 +120,44 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, amp: bool,
                     scaler: torch.amp.GradScaler, reporter: Reporter, description: str,
                     balance: ClassBalance = ClassBalance()) -> tuple[float, float, float]:
-    """One pass over `loader` under the run's class balance; returns (mean loss, accuracy, images per second)."""
+    """One pass over `loader` under the run's class balance; returns (mean loss, accuracy, images
+    per second), over all processes when `model` is data-parallel (each then steps on its share
+    of every global batch)."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
     for batch in loader:
+        if batch is None and distributed.world_size() > 1:  # every process takes part in every step
+            batch = empty_batch(model)
         if batch is None:
             continue
         images, labels, _ = batch
         images, labels = images.to(device), labels.to(device)
         with autocast(device, amp):
             logits = model(images)
-            loss = balance.loss(logits.float(), labels)
+            summed = balance.loss(logits.float(), labels, reduction="sum")
+        loss = summed / distributed.step_divisor(balance.batch_weight(labels))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        loss_sum += loss.item() * len(labels)
+        loss_sum += summed.item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         reporter.advance(len(labels))
     reporter.finish()
     elapsed = time.perf_counter() - started
+    loss_sum, correct, seen = distributed.sum_values(loss_sum, correct, seen)
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed, 1e-9)
+
+
+def empty_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """No images, for a process whose whole share of a step failed to decode: it still steps
+    (adding nothing), as DDP needs every process in every gradient all-reduce."""
+    size = getattr(model, "module", model).backbone.patch_embed.img_size
+    return torch.zeros(0, 3, *size), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
 
 
 # A last epoch this far below the probe start on val is more than small-split noise: say so.
@@ -176,6 +192,7 @@ class TrainingRun:
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_key": None, "since_best": 0,
                                       "history": [], "probe_val_acc": None}
         self.best_state = self._snapshot()
+        self.trainer: nn.Module | None = None  # the model as it steps: DDP-wrapped under torchrun
         tiny_val = val_loader is None or len(val_loader.dataset) < MIN_VAL_PER_CLASS_TO_SELECT * len(classes)
         self.select_last = config.select == "last" or (config.select == "auto" and tiny_val)
 
@@ -195,6 +212,7 @@ class TrainingRun:
             if self.config.head_init == "probe":
                 self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
                                                               self.config.amp, self.reporter, self.balance)
+        distributed.share_trained(self.model.task_state_dict())
         self.best_state = self._snapshot()
         if self.val_loader:
             start = evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val")
@@ -206,7 +224,7 @@ class TrainingRun:
         self.best_state, self.state, rng = checkpoint.load(model=self.model, optimizer=self.optimizer,
                                                            scheduler=self.scheduler)
         self.history = [EpochStats(**h) for h in self.state["history"]]
-        set_rng_state(rng)
+        set_rng_state(distributed.own_rng(rng))
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None and "loader" in rng:
             generator.set_state(rng["loader"])
@@ -231,7 +249,8 @@ class TrainingRun:
         """Train one epoch, score it on val and keep it if it is the best so far."""
         epoch, config = self.epoch + 1, self.config
         started = time.perf_counter()
-        loss, acc, speed = train_one_epoch(self.model, self.train_loader, self.optimizer, self.scheduler, self.device,
+        self.trainer = self.trainer or distributed.wrap(self.model, self.device)
+        loss, acc, speed = train_one_epoch(self.trainer, self.train_loader, self.optimizer, self.scheduler, self.device,
                                            config.amp, self.scaler, self.reporter, f"epoch {epoch}/{config.epochs}",
                                            self.balance)
         report = (evaluate(self.model, self.val_loader, self.classes, self.device, config.amp, self.reporter, "val")
@@ -252,13 +271,15 @@ class TrainingRun:
         return stats
 
     def save(self, checkpoint: Checkpoint) -> None:
-        """Checkpoint the end of the current epoch, with every generator the next one draws from."""
-        rng = rng_state()
+        """Checkpoint the end of the current epoch, with every generator the next one draws from
+        (each process's own; rank 0 writes the file)."""
+        rng = distributed.gather_rng(rng_state())
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:
             rng["loader"] = generator.get_state()
-        checkpoint.save(model=self.model, best_state=self.best_state, optimizer=self.optimizer,
-                        scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
+        if distributed.is_main():
+            checkpoint.save(model=self.model, best_state=self.best_state, optimizer=self.optimizer,
+                            scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
 
     def finish(self, stopped_early: bool) -> FitResult:
         """Load the best weights into the model and score them on val once more."""

@@ -51,17 +51,25 @@ class ClassBalance:
         counts = torch.tensor(self.counts, dtype=torch.float64).clamp(min=1)
         return (counts / counts.sum()).log().float()
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The training loss for one batch (mean over the batch)."""
-        return self._loss(self.mode, logits, labels)
+    def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """The training loss for one batch: its mean, or with `reduction` "sum" the numerator of
+        that mean, whose denominator is `batch_weight` (so data-parallel processes can share it)."""
+        return self._loss(self.mode, logits, labels, reduction)
+
+    def batch_weight(self, labels: Tensor) -> float:
+        """What the batch's mean loss divides by: the images' class weights under reweight (as
+        torch's weighted cross-entropy does), else the number of images."""
+        if self.mode == "reweight":
+            return float(self.weights()[labels.cpu()].sum())
+        return float(len(labels))
 
     def probe_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The linear probe's loss: it fits on every image once, so resampling becomes its expectation."""
         return self._loss("reweight" if self.resamples else self.mode, logits, labels)
 
-    def _loss(self, mode: str, logits: Tensor, labels: Tensor) -> Tensor:
+    def _loss(self, mode: str, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         if mode == "reweight":
-            return F.cross_entropy(logits, labels, weight=self.weights().to(logits.device))
+            return F.cross_entropy(logits, labels, weight=self.weights().to(logits.device), reduction=reduction)
         if mode == "logit-adjust":
-            return F.cross_entropy(logits + self.tau * self.log_prior().to(logits.device), labels)
-        return F.cross_entropy(logits, labels)
+            return F.cross_entropy(logits + self.tau * self.log_prior().to(logits.device), labels, reduction=reduction)
+        return F.cross_entropy(logits, labels, reduction=reduction)

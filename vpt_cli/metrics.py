@@ -10,7 +10,7 @@ import csv
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -191,6 +191,16 @@ class MetricAccumulator:
         if loss_sum is not None:
             self._loss_sum += float(loss_sum)
             self._loss_samples += labels.numel()
+
+    def sum_across(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Replace the counts by their totals over processes (`reduce`: an all-reduce sum), so a
+        data-parallel evaluation reports the whole set with every sample counted once."""
+        if self._confusion is None:
+            self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+            self._top5_hits = torch.zeros((), dtype=torch.long)
+        self._confusion, self._top5_hits = reduce(self._confusion), reduce(self._top5_hits)
+        loss = reduce(torch.tensor([self._loss_sum, self._loss_samples], dtype=torch.float64))
+        self._loss_sum, self._loss_samples = loss[0].item(), int(loss[1].item())
 
     def report(self, classes: list[str]) -> EvalReport:
         """Metrics so far. Loss is the per-sample mean, or None unless every sample had a loss."""

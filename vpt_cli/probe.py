@@ -9,6 +9,7 @@ from typing import Iterable
 
 import torch
 
+from vpt_cli import distributed
 from vpt_cli.losses import ClassBalance
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.reporting import Reporter
@@ -20,22 +21,26 @@ PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: ties keep the
 @torch.no_grad()  # not inference_mode: the probe fit needs autograd on these features
 def extract_features(model: PromptedViT, loader: Iterable, device: torch.device, amp: bool,
                      reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features of the (prompted) backbone and labels for every batch, in fp32 on CPU."""
+    """Pooled features of the (prompted) backbone and labels for every batch, in fp32 on CPU; from
+    every process in dataset order when the loader is sharded (so each fits the same probe)."""
     model.eval()
-    features, labels = [], []
+    features, labels, indices = [], [], []
     reporter.start("features", len(loader))
     for batch in loader:
         if batch is None:
             continue
-        images, targets, _ = batch
+        images, targets, index = batch
         with autocast(device, amp):
             features.append(model.forward_features(images.to(device)).float().cpu())
         labels.append(targets)
+        indices.append(index)
         reporter.advance(len(targets))
     reporter.finish()
-    if not features:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(labels)
+    if not features:  # nothing readable here (another process may have some)
+        features, labels, indices = [torch.empty(0, model.head.in_features)], [torch.empty(0, dtype=torch.long)], [
+            torch.empty(0, dtype=torch.long)]
+    all_features, all_labels = distributed.gather_rows(torch.cat(indices), torch.cat(features), torch.cat(labels))
+    return all_features, all_labels
 
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,

@@ -12,7 +12,7 @@ import os
 import platform
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import timm
 import torch
 
-from vpt_cli import __version__
+from vpt_cli import __version__, distributed
 from vpt_cli.artifact import Task, TaskInfo, save_task
 from vpt_cli.checkpoint import Checkpoint
 from vpt_cli.backbones import Backbone, check_weights_reachable, create_backbone
@@ -142,28 +142,35 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
     refuse what would lose work, all before any data or weights are read: an existing task
     without `force` (also on `resume`: a finished task is not resumed), or a checkpoint made with
     other settings. Then make the run folder: a new numbered one, or on `resume` (or `exist_ok`)
-    the folder itself. Temp files a killed writer left behind are removed under the lock."""
+    the folder itself. Temp files a killed writer left behind are removed under the lock. Under
+    torchrun rank 0 alone locks, checks and makes the folder; the others get its answer. Every
+    process gets its own scratch folder for decoded photos, removed when the run ends."""
     config.validate()
     folder = folder or RunFolder()
     path = resolve_task_path(task if task is not None else slugify(Path(config.data.path).resolve().name))
     name = task_name_from(path)
     run_name = check_task_name(folder.name) if folder.name is not None else name
     exact = (Path(folder.project) / run_name).resolve()
-    with task_lock(path), tempfile.TemporaryDirectory(prefix="vpt-decoded-") as scratch:
-        claimed = ClaimedTask(path=path, name=name, run_dir=exact, scratch=Path(scratch))
+
+    def claim(held: ExitStack) -> Path:
+        held.enter_context(task_lock(path))
         if path.exists() and not force:
             hint = "it is finished, so there is nothing to resume; " if resume else ""
             raise TaskError(f"task '{name}' already exists at {path}; {hint}pass --force to train it again")
         if resume:
-            check_same_settings(claimed.checkpoint.settings(), run_settings(config))
+            check_same_settings(Checkpoint(exact / CHECKPOINT_FILE).settings(), run_settings(config))
         remove_orphan_temp_files(path)
         try:
-            claimed.run_dir = numbered_dir(exact.parent, run_name, exist_ok=resume or folder.exist_ok).resolve()
+            run_dir = numbered_dir(exact.parent, run_name, exist_ok=resume or folder.exist_ok).resolve()
         except OSError as exc:
             raise UsageError(f"cannot make the run folder {exact}: {exc.strerror or exc}") from None
         for written in RUN_FILES:
-            remove_orphan_temp_files(claimed.run_dir / written)
-        yield claimed
+            remove_orphan_temp_files(run_dir / written)
+        return run_dir
+
+    with ExitStack() as held:
+        scratch = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="vpt-decoded-")))
+        yield ClaimedTask(path=path, name=name, run_dir=distributed.from_main(lambda: claim(held)), scratch=scratch)
 
 
 RUN_FILES = (CHECKPOINT_FILE, "best.safetensors", "last.safetensors", "args.yaml", "results.csv", "results.png",
@@ -229,16 +236,22 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     if backbone.img_size % patch:
         reporter.log(f"warning: the image size {backbone.img_size} is not a multiple of the {patch} px patch size: "
                      f"the last {backbone.img_size % patch} pixel rows and columns are never seen")
-    train_workers = config.data.workers if config.data.workers is not None else auto_workers(len(train_samples))
-    write_text(task.run_dir / "args.yaml", resolved_args(config, backbone, train_workers).to_yaml())
     run_dir = task.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_skipped(run_dir, skipped)
+    if distributed.is_main():
+        train_workers = config.data.workers if config.data.workers is not None else auto_workers(len(train_samples))
+        write_text(run_dir / "args.yaml", resolved_args(config, backbone, train_workers).to_yaml())
+        write_skipped(run_dir, skipped)
     if skipped:
         reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
 
     workers = config.data.workers
     batch = config.train.batch_size
+    if min(batch, len(train_samples)) < distributed.world_size():
+        raise UsageError(f"{distributed.world_size()} processes need a global batch of at least as many training "
+                         f"images (--batch-size {batch}, {len(train_samples)} training images)")
+    if distributed.share_note(batch):
+        reporter.log(distributed.share_note(batch))
+    shard = distributed.shard()
     eval_transform = build_transform(backbone.data_config, train=False)
     eval_decode = DecodeCache(task.scratch, eval_size).load  # each photo decoded once per run, not once per epoch
     train_decode = DecodeCache(task.scratch, train_size).load
@@ -248,11 +261,11 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
                                             train_decode),
                                batch, shuffle=True, workers=workers, seed=config.train.seed,
                                drop_last=len(train_samples) > batch, persistent=False,
-                               class_balanced=config.train.balance == "resample")
+                               class_balanced=config.train.balance == "resample", shard=shard)
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform, eval_decode), batch, False, workers,
-                               config.train.seed)
+                               config.train.seed, shard=shard)
     held_out = (make_loader(ImageDataset(val_samples, eval_transform, eval_decode), batch, False, workers,
-                            config.train.seed) if val_samples else None)
+                            config.train.seed, shard=shard) if val_samples else None)
     # --trainval holds out the test split: nothing may be selected on it (probe strength, epoch), it is only scored.
     val_loader, test_loader = (None, held_out) if config.data.trainval else (held_out, None)
     num_val = 0 if config.data.trainval else len(val_samples)
@@ -346,9 +359,10 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
                                            "run_dir": str(run.run_dir), **(extra_provenance or {})},
                      test_report=test_report)
     saved = Task(info=info, tensors=model.task_state_dict())
-    save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
-    write_skipped(run.run_dir, skipped)
-    write_results(run.run_dir, history, result.probe_val_acc, result.best_epoch)
+    if distributed.is_main():
+        save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
+        write_skipped(run.run_dir, skipped)
+        write_results(run.run_dir, history, result.probe_val_acc, result.best_epoch)
     trainable = sum(p.numel() for group in model.parameter_groups().values() for p in group)
     return TrainResult(
         task_path=run.task_path, task_name=run.name, classes=run.classes, val_report=report, history=history,
@@ -366,9 +380,11 @@ def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
 
 
 def failures_while_loading(run: PreparedRun) -> list[tuple[str, str]]:
-    """Images that passed the header check up front but failed to decode during training."""
+    """Images that passed the header check up front but failed to decode during training (in any
+    process)."""
     loaders = (run.train_loader, run.probe_loader, run.val_loader, run.test_loader)
-    found = [(str(path), reason) for loader in loaders if loader is not None for path, reason in loader.dataset.failures]
+    found = distributed.gather_lists([(str(path), reason) for loader in loaders if loader is not None
+                                      for path, reason in loader.dataset.failures])
     return list(dict.fromkeys(found))
 
 

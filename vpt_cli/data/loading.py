@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
+                              WeightedRandomSampler)
 
 from vpt_cli.data.images import ImageLoadError, failure_reason, load_image
 from vpt_cli.data.splits import Sample
+from vpt_cli.sharding import ShardedBatchSampler
 
 _AUTO_WORKERS_MIN_ITEMS = 64
 
@@ -68,26 +70,28 @@ def auto_workers(num_items: int) -> int:
 
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False,
-    persistent: bool = True, class_balanced: bool = False,
+    persistent: bool = True, class_balanced: bool = False, shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`).
 
-    `class_balanced` (an ImageDataset's samples) draws classes equally often instead of shuffling."""
+    `class_balanced` (an ImageDataset's samples) draws classes equally often instead of shuffling.
+    `batch_size` is the global batch; with `shard` = (rank, world) this process loads only its
+    slice of each one (vpt_cli.sharding), drawn from the same order as a single process."""
     workers = auto_workers(len(dataset)) if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)
-    sampler = class_balanced_sampler([s.label for s in dataset.samples], generator) if class_balanced else None
+    if class_balanced:
+        order: Sampler = class_balanced_sampler([s.label for s in dataset.samples], generator)
+    else:
+        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        batch_sampler=ShardedBatchSampler(BatchSampler(order, batch_size, drop_last), *shard),
         num_workers=workers,
         collate_fn=collate_skip_bad,
         generator=generator,
         persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
     )
 
 
