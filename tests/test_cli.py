@@ -171,3 +171,22 @@ def test_train_run_folder_is_numbered_and_explains_its_lines(tiny_weights):
     assert second.exit_code == 0 and Path("runs/train/numbered2/results.csv").is_file()
     assert "not a multiple of the 8 px patch size" in second.stderr
     assert vpt("eval", SAMPLE / "val", "--task", run / "best.safetensors", "-q").exit_code == 0  # a usable task
+
+
+def test_tensorboard_logs_every_epoch_scalars(tiny_weights):
+    from tensorboardX.proto.event_pb2 import Event
+
+    result = vpt("train", SAMPLE, "--task", "tb", *tiny_flags(tiny_weights), "--epochs", "2", "--tensorboard", "-q")
+    assert result.exit_code == 0, result.output
+    (events,) = Path("runs/train/tb").glob("events.out.tfevents.*")
+    data, scalars = events.read_bytes(), {}
+    while data:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
+        length = int.from_bytes(data[:8], "little")
+        event = Event.FromString(data[12:12 + length])
+        data = data[16 + length:]
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    assert [step for step, _ in scalars["val/acc"]] == [1, 2]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr"} <= set(scalars)
+    rows = (Path("runs/train/tb/results.csv")).read_text().splitlines()[1:]
+    assert abs(scalars["train/loss"][1][1] - float(rows[1].split(",")[2])) < 1e-4  # the same numbers as results.csv

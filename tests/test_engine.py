@@ -226,8 +226,8 @@ def test_cli_resume_restores_every_setting_and_may_only_extend(tiny_weights):
     runner = CliRunner()
     refused = runner.invoke(app, ["train", str(SAMPLE), "--task", "cli-resume", "--resume", "--lr", "0.5", "-q"])
     assert refused.exit_code == 2 and "train.lr None -> 0.5" in refused.stderr
-    extended = runner.invoke(app, ["train", str(SAMPLE), "--task", "cli-resume", "--resume", "--epochs", "4",
-                                   "--json", "-q"])
+    # the run folder alone says what to resume: its checkpoint names the task and holds the settings
+    extended = runner.invoke(app, ["train", "runs/train/cli-resume", "--resume", "--epochs", "4", "--json", "-q"])
     assert extended.exit_code == 0, extended.output
     payload = json.loads(extended.stdout)
     assert [h["epoch"] for h in payload["history"]] == [1, 2, 3, 4]

@@ -35,7 +35,7 @@ from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
 from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
 from vpt_cli.checkpoint import Checkpoint
-from vpt_cli.training import (CHECKPOINT_FILE, RunFolder, TrainResult, claim_task, epoch_writer, prepare_run,
+from vpt_cli.training import (CHECKPOINT_FILE, EpochWriter, RunFolder, TrainResult, claim_task, prepare_run,
                               run_settings, save_trained, settings_config)
 
 
@@ -73,10 +73,15 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
                       if run.val_loader else None)
             result = FitResult([], 0, report, False, 0.0, probe_acc)
         else:
-            result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
-                         run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
-                         balance=run.balance,
-                         on_epoch=epoch_writer(run, config) if distributed.is_main() else None)
+            writer = (EpochWriter(run, config, tensorboard=bool(folder and folder.tensorboard))
+                      if distributed.is_main() else None)
+            try:
+                result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
+                             run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
+                             balance=run.balance, on_epoch=writer)
+            finally:
+                if writer is not None:
+                    writer.close()
         test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test")
                 if run.test_loader else None)
         return save_trained(run, model, config, result, started, test_report=test)
@@ -84,16 +89,24 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
 
 def resume(task: str | None, given: dict[str, Any], folder: RunFolder | None = None,
            reporter: Reporter | None = None) -> TrainResult:
-    """Continue an interrupted `train` of `task` with every setting its checkpoint holds; of the
-    options the user `given` (dotted config keys, None = not given) only the epochs (to extend the
-    run), the device and the worker count may change, anything else that differs is refused."""
+    """Continue an interrupted `train` with every setting its checkpoint holds; of the options the
+    user `given` (dotted config keys, None = not given) only the epochs (to extend the run), the
+    device and the worker count may change, anything else that differs is refused. The run is
+    found by its task (and `folder`), or `given["data.path"]` may be the run folder itself."""
     folder = folder or RunFolder()
-    if task is None:  # train's default: the data folder's name
-        task = slugify(Path(given.get("data.path") or ".").resolve().name)
+    data = given.get("data.path")
+    if data and (Path(data) / CHECKPOINT_FILE).is_file():  # `vpt train runs/train/birds2 --resume`
+        run_dir = Path(data).resolve()
+        given = {key: value for key, value in given.items() if key != "data.path"}
+        task = task or Checkpoint(run_dir / CHECKPOINT_FILE).saved_task() or run_dir.name
+        folder = RunFolder(project=run_dir.parent, name=run_dir.name, tensorboard=folder.tensorboard)
+    elif task is None:  # train's default: the data folder's name
+        task = slugify(Path(data or ".").resolve().name)
     run_dir = Path(folder.project) / (folder.name or task_name_from(resolve_task_path(task)))
     config = settings_config(Checkpoint(run_dir / CHECKPOINT_FILE).settings(), given)
     return train(config, task=task, resume=True, reporter=reporter,
-                 folder=RunFolder(project=folder.project, name=folder.name, exist_ok=True))
+                 folder=RunFolder(project=folder.project, name=folder.name, exist_ok=True,
+                                  tensorboard=folder.tensorboard))
 
 
 def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None],

@@ -21,13 +21,20 @@ from vpt_cli.models.prompted import PromptedViT
 
 
 class Checkpoint:
-    """One run's checkpoint file; `settings` are the run settings it must be resumed with."""
+    """One run's checkpoint file; `settings` are the run settings it must be resumed with, `task`
+    the task file the run publishes (so a run folder alone says what to resume)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, task: str | None = None):
         self.path = Path(path)
+        self.task = task
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def saved_task(self) -> str | None:
+        """The task file the checkpointed run publishes, from the header alone."""
+        self.settings()  # a missing or damaged checkpoint fails here, in one line
+        return (read_safetensors_header(self.path).get("__metadata__") or {}).get("task")
 
     def settings(self) -> dict[str, Any]:
         """The settings stored in the checkpoint, read from its header alone (cheap, no torch)."""
@@ -52,7 +59,7 @@ class Checkpoint:
         tensors.update({f"rng.{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
         metadata = {"state": json.dumps(state), "param_groups": json.dumps(optim["param_groups"]),
                     "scheduler": json.dumps({k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}),
-                    "settings": json.dumps(settings, sort_keys=True),
+                    "settings": json.dumps(settings, sort_keys=True), **({"task": self.task} if self.task else {}),
                     "rng": json.dumps({k: v for k, v in rng.items() if not isinstance(v, torch.Tensor)})}
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         write_bytes(self.path, save(tensors, metadata=metadata))

@@ -121,6 +121,7 @@ ProjectOpt = Annotated[Optional[Path], typer.Option(
 RunNameOpt = Annotated[Optional[str], typer.Option(
     "--name", help="Run folder name, numbered name2, name3, ... when taken. \\[default: the task name]")]
 ExistOkOpt = Annotated[bool, typer.Option("--exist-ok", help="Reuse an existing run folder instead of numbering a new one.")]
+TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also log every epoch's scalars in the run folder for TensorBoard (needs vpt-cli[tensorboard]).")]
 DevicesOpt = Annotated[Optional[str], typer.Option(
     "--devices", help="Data-parallel over several devices: GPU ids (0,1; 3, for GPU 3 alone), a GPU count (4) "
     "or cpu:N (N CPU processes); starts this command under torchrun, one process per device. "
@@ -334,6 +335,7 @@ def train(
     project: ProjectOpt = None,
     name: RunNameOpt = None,
     exist_ok: ExistOkOpt = False,
+    tensorboard: TensorboardOpt = False,
     devices: DevicesOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -360,7 +362,7 @@ def train(
             "train.weight_decay": weight_decay, "data.val_split": val_split, "data.augment": _value(augment),
             "train.select": _value(select), "train.patience": patience, "train.amp": amp,
         })
-        run_folder = _run_folder(project, name, exist_ok, "runs/train")
+        run_folder = _run_folder(project, name, exist_ok, "runs/train", tensorboard)
         if resume:  # every setting comes from the checkpoint; the flags given may only extend or move it
             if config is not None:
                 raise UsageError("--resume takes its settings from the run's checkpoint; drop --config")
@@ -685,10 +687,11 @@ def tasks_import(file: Annotated[Path, typer.Argument(help="A .safetensors task 
     _run(action)
 
 
-def _run_folder(project: Optional[Path], name: Optional[str], exist_ok: bool, default: str) -> Any:
+def _run_folder(project: Optional[Path], name: Optional[str], exist_ok: bool, default: str,
+                tensorboard: bool = False) -> Any:
     from vpt_cli.training import RunFolder
 
-    return RunFolder(project=project or default, name=name, exist_ok=exist_ok)
+    return RunFolder(project=project or default, name=name, exist_ok=exist_ok, tensorboard=tensorboard)
 
 
 def _path(value: Optional[Path]) -> Optional[str]:

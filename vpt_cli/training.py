@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import timm
 import torch
@@ -120,7 +120,7 @@ class ClaimedTask:
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.run_dir / CHECKPOINT_FILE)
+        return Checkpoint(self.run_dir / CHECKPOINT_FILE, task=str(self.path.resolve()))
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"  # resumable state; best/last.safetensors are usable tasks
@@ -133,6 +133,7 @@ class RunFolder:
     project: str | Path = "runs/train"
     name: str | None = None  # default: the task's name
     exist_ok: bool = False
+    tensorboard: bool = False  # also log every epoch's scalars there for TensorBoard (tensorboardX)
 
 
 @contextmanager
@@ -304,12 +305,18 @@ def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, pr
     )
 
 
-def epoch_writer(run: PreparedRun, config: RunConfig) -> Callable[[TrainingRun], None]:
+class EpochWriter:
     """After every epoch: best.safetensors and last.safetensors (usable task files), results.csv
-    and results.png in the run folder, so a run stopped at any point leaves something to use."""
+    and results.png in the run folder, so a run stopped at any point leaves something to use;
+    with `tensorboard`, the epoch's scalars as TensorBoard events there too. Close it after the run
+    (its event writer works in the background)."""
 
-    def write(training: TrainingRun) -> None:
-        history = training.history
+    def __init__(self, run: PreparedRun, config: RunConfig, tensorboard: bool = False):
+        self.run, self.config = run, config
+        self.events = tensorboard_writer(run.run_dir) if tensorboard else None
+
+    def __call__(self, training: TrainingRun) -> None:
+        run, config, history = self.run, self.config, training.history
         last_report = history[-1]
         save_task(Task(task_info(run, config, None, {"epoch": last_report.epoch, "kept": "last",
                                                       "val_top1": last_report.val_acc}),
@@ -317,8 +324,30 @@ def epoch_writer(run: PreparedRun, config: RunConfig) -> Callable[[TrainingRun],
         save_task(Task(task_info(run, config, None, {"epoch": training.state["best_epoch"], "kept": "best"}),
                        training.best_state), run.run_dir / "best.safetensors", force=True)
         write_results(run.run_dir, history, training.state["probe_val_acc"], training.state["best_epoch"])
+        if self.events is not None:
+            for tag, field in TENSORBOARD_SCALARS.items():
+                value = getattr(last_report, field)
+                if value is not None:
+                    self.events.add_scalar(tag, value, last_report.epoch)
 
-    return write
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+
+TENSORBOARD_SCALARS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss",
+                       "val/acc": "val_acc", "val/balanced_acc": "val_balanced_acc", "lr": "lr",
+                       "speed/images_per_sec": "images_per_sec"}
+
+
+def tensorboard_writer(run_dir: Path) -> Any:
+    """TensorBoard's event writer on `run_dir` (the small tensorboardX package, an optional
+    dependency: pip install 'vpt-cli[tensorboard]')."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs tensorboardX: pip install 'vpt-cli[tensorboard]'") from None
+    return SummaryWriter(logdir=str(run_dir))
 
 
 def write_results(run_dir: Path, history: list[EpochStats], probe_acc: float | None, kept_epoch: int) -> None:
