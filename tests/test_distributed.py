@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 import torch
@@ -97,6 +99,19 @@ def _single_run(weights: Path, epochs: int) -> RunConfig:
     return config
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run this process's single-process twin with one torch thread, as each `--devices cpu:2`
+    process runs: float sums then group the same way, so near-ties (the probe's L2 pick, the
+    sixth decimal of a probability) fall the same way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _max_difference(task_a: Path, task_b: Path) -> float:
     a, b = load_task(task_a).tensors, load_task(task_b).tensors
     assert set(a) == set(b)
@@ -107,7 +122,8 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny_weights, tmp_path
     """`--devices cpu:2` relaunches the command as 2 gloo processes with global batch 25 (shares 13
     and 12); with prompt dropout 0 and no augmentation nothing random differs, so the task equals
     the 1-process task."""
-    single = api.train(_single_run(tiny_weights, epochs=2), task="single")
+    with _one_thread():
+        single = api.train(_single_run(tiny_weights, epochs=2), task="single")
 
     result = _vpt("train", str(SAMPLE), "--task", "double", *_train_flags(tiny_weights), "--devices", "cpu:2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,13 +150,15 @@ def test_two_gloo_processes_evaluate_and_predict_what_one_process_does(tiny_weig
     the whole answer in the single-process order."""
     config = RunConfig(backbone=tiny_config(weights=str(tiny_weights)), train=TrainConfig(epochs=1))
     config.prompt.num_prompts, config.data.path = 2, str(SAMPLE)
-    api.train(config, task="single")
+    with _one_thread():
+        api.train(config, task="single")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     torch.multiprocessing.spawn(_shard_worker, args=(port, os.environ["VPT_HOME"], str(tmp_path)), nprocs=2)
-    alone_eval = api.evaluate(SAMPLE / "val", "single", batch_size=25, workers=0, output_dir=tmp_path / "eval1")
-    alone_predict = api.predict([str(SAMPLE / "val" / "bag")], "single", top_k=3, workers=0)
+    with _one_thread():
+        alone_eval = api.evaluate(SAMPLE / "val", "single", batch_size=25, workers=0, output_dir=tmp_path / "eval1")
+        alone_predict = api.predict([str(SAMPLE / "val" / "bag")], "single", top_k=3, workers=0)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0] == ranks[1]
     shared = ranks[0]["eval"]
@@ -188,5 +206,6 @@ def test_a_killed_process_ends_the_job_in_one_line_and_resume_continues_it(tiny_
                    "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after epoch" in resumed.stderr
-    single = api.train(_single_run(tiny_weights, epochs), task="single")
+    with _one_thread():
+        single = api.train(_single_run(tiny_weights, epochs), task="single")
     assert _max_difference(single.task_path, Path(os.environ["VPT_HOME"]) / "tasks" / "killed.safetensors") < 1e-4
