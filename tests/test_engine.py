@@ -166,6 +166,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tiny_weights, 
 
 def test_interrupt_before_the_first_epoch_says_nothing_to_resume(tiny_weights):
     config = tiny_run(tiny_weights, epochs=2)
+    config.data.workers = 0  # a loader worker interrupted mid-epoch takes seconds to shut down
     with pytest.raises(TrainingInterrupted, match="nothing to resume"):
         api.train(config, task="early", reporter=InterruptIn(1))
     with pytest.raises(TaskError, match="nothing to resume: no checkpoint"):

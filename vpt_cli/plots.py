@@ -242,7 +242,7 @@ def _draw_panel(
     """One line chart inside ``box`` (left, top, right, bottom), with ticks, grid and legend."""
     tick_font, title_font = _font(12 * scale), _font(15 * scale)
     left, top, right, bottom = box
-    draw.text(((left + right) / 2, top), title, font=title_font, fill=INK, anchor="ma")
+    draw.text((left + 58 * scale, top), title, font=title_font, fill=INK, anchor="la")  # legend: right
     plot = (left + 58 * scale, top + 28 * scale, right - 16 * scale, bottom - 40 * scale)
     px0, py0, px1, py1 = plot
     points = [pt for _, _, pts in series for pt in pts]
@@ -323,10 +323,10 @@ def render_history_png(history: list[dict], path: Path, probe_acc: float | None 
     ]
     epochs = [row["epoch"] for row in history]
     if probe_acc is not None and epochs:
-        accuracy.append(("probe start", MUTED, [(0.0, probe_acc), (float(max(epochs)), probe_acc)]))
+        accuracy.append(("probe", MUTED, [(0.0, probe_acc), (float(max(epochs)), probe_acc)]))
     kept = [(x, y) for x, y in _series(history, "val_acc") if x == kept_epoch]
     if kept:
-        accuracy.append((f"kept (epoch {kept_epoch})", KEPT_COLOR, kept))
+        accuracy.append((f"kept: {kept_epoch}", KEPT_COLOR, kept))
     acc_values = [y for _, _, pts in accuracy for _, y in pts]
     percent = all(0.0 <= y <= 1.0 for y in acc_values)
     _draw_panel(draw, (margin, margin, half - margin, height * scale - margin), "loss", loss, False, scale)
