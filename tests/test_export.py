@@ -155,3 +155,21 @@ def test_half_precision_model_is_exported_in_fp32_and_left_as_is(tmp_path: Path)
     result = export_model(model, IMG, "onnx", tmp_path / "model.onnx")
     assert result.max_abs_diff is None or result.max_abs_diff <= 1e-4
     assert model.prompts.dtype == torch.bfloat16 and model.head.weight.dtype == torch.bfloat16
+
+
+def test_dynamic_size_onnx_runs_at_other_sizes_like_eager(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = tiny_model("vpt-deep")
+    result = export_model(model, IMG, "onnx", tmp_path / "dynamic.onnx", dynamic_size=True)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4  # checked at 3 sizes, one non-square
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [str(d) for d in session.get_inputs()[0].shape[2:]] == ["height", "width"]
+    at_trained = torch.randn(2, 3, IMG, IMG)
+    (logits,) = session.run(None, {"images": at_trained.numpy()})
+    assert (torch.from_numpy(logits) - eager(model, at_trained)).abs().max().item() <= 1e-4  # unchanged at its size
+    (bigger,) = session.run(None, {"images": torch.randn(1, 3, IMG + 16, IMG + 8).numpy()})
+    assert bigger.shape == (1, 4)
+    with pytest.raises(ExportError, match="needs --format onnx"):
+        export_model(model, IMG, "torchscript", tmp_path / "dynamic.pt", dynamic_size=True)
+    assert not model.adapter.dynamic and model.backbone.patch_embed.flatten  # only the export copy changed

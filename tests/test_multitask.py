@@ -244,3 +244,16 @@ def test_exports_carry_classes_and_preprocessing_and_default_to_the_task_name(re
     torch.jit.load(str(tmp_path / "deep3_shallow5.pt"), _extra_files=extra)
     assert json.loads(extra["vpt_tasks.txt"]) == ["deep3", "shallow5"]  # values come back as bytes
     assert [len(c) for c in json.loads(extra["classes.txt"])] == [2, 3] and extra["interpolation.txt"] == b"bicubic"
+
+
+def test_cli_dynamic_size_export_of_a_bundle(registry, tmp_path):
+    import onnxruntime as ort
+
+    result = runner.invoke(app, ["export", "--task", "deep3", "--task", "shallow5", "--dynamic-size", "--output",
+                                 str(tmp_path / "any.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(tmp_path / "any.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["dynamic_size"] == "true"
+    images = torch.randn(2, 3, 48, 40).numpy()
+    (logits,) = session.run(None, {"images": images, "task_index": torch.tensor([0, 1]).numpy()})
+    assert logits.shape == (2, 3) and torch.isfinite(torch.from_numpy(logits[:, :2])).all()

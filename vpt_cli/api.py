@@ -326,11 +326,12 @@ def save_labelled_images(result: PredictResult, save_dir: str | Path, force: boo
 
 
 def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | None = None,
-           backbone_weights: str | None = None) -> Any:
+           backbone_weights: str | None = None, dynamic_size: bool = False) -> Any:
     """Write one task (backbone + prompts + head) or a multi-task bundle as one ONNX / TorchScript
     file, checked against eager. Several tasks share the backbone once and take a `task_index`
     input. The file carries the class names, preprocessing and task names as metadata; `output`
-    defaults to `<task>.onnx` / `<task>.pt` in the current folder (`<a>_<b>` for a bundle)."""
+    defaults to `<task>.onnx` / `<task>.pt` in the current folder (`<a>_<b>` for a bundle).
+    `dynamic_size`: ONNX inputs of any height and width (plain ViT backbones)."""
     from vpt_cli.export import export_model  # late: the exporters load only when asked for
 
     names = tasks if isinstance(tasks, list) else [tasks]
@@ -342,7 +343,8 @@ def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | 
         model, backbone, infos = server.model, server.backbone, server.infos
     typed = [task_name_from(name) for name in names]
     target = Path(output) if output else Path(f"{'_'.join(typed)}.{'onnx' if fmt == 'onnx' else 'pt'}")
-    return export_model(model, backbone.img_size, fmt, target, metadata=export_metadata(typed, infos, backbone))
+    metadata = {**export_metadata(typed, infos, backbone), "dynamic_size": json.dumps(dynamic_size)}
+    return export_model(model, backbone.img_size, fmt, target, metadata=metadata, dynamic_size=dynamic_size)
 
 
 def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[str, str]:

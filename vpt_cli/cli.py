@@ -561,6 +561,7 @@ def export(
     output_format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", "-f", help="onnx (dynamic batch) or torchscript."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. \\[default: <task>.onnx or <task>.pt in the current folder]"),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    dynamic_size: bool = typer.Option(False, "--dynamic-size", help="ONNX input of any height and width (multiples of the patch size; plain ViT backbones): position embeddings are resampled in the graph."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Export backbone + prompts + head as one file, checked against the eager model (max diff 1e-4).
@@ -572,7 +573,7 @@ def export(
     def action() -> None:
         from vpt_cli import api
 
-        result = api.export(task, output_format.value, output, _path(backbone_weights))
+        result = api.export(task, output_format.value, output, _path(backbone_weights), dynamic_size=dynamic_size)
         payload = {"path": str(result.path), "format": result.format, "tasks": task,
                    "max_abs_diff": result.max_abs_diff, "checked_with": result.checked_with,
                    "size_bytes": result.size_bytes}

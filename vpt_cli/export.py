@@ -62,6 +62,7 @@ def export_model(
     atol: float = 1e-4,
     batch_for_check: int = 3,
     metadata: dict[str, str] | None = None,
+    dynamic_size: bool = False,
 ) -> ExportResult:
     """Export `model` as `fmt` to `output`, verified at batch sizes 1 and `batch_for_check`.
 
@@ -74,6 +75,10 @@ def export_model(
     file: ONNX `metadata_props`, TorchScript extra files (`<key>.txt`), so the file can be used
     without vpt-cli.
 
+    `dynamic_size` (ONNX, backbones whose adapter allows it): height and width become dynamic
+    axes too, position embeddings are resampled inside the graph, and the check also runs at a
+    larger and a non-square size.
+
     A MultiTaskViT becomes a multi-task bundle: the backbone once plus every task's stacked
     prompts and heads, a second input `task_index` (int64, one per image), logits padded to the
     largest class count with -inf; it is checked on batches that mix every task.
@@ -84,20 +89,29 @@ def export_model(
         raise ExportError("batch_for_check must be at least 1")
     frozen = _export_copy(model)
     tasks = model.num_tasks if isinstance(model, MultiTaskViT) else 0
+    shapes = [(image_size, image_size)]
+    if dynamic_size:
+        if fmt != "onnx":
+            raise ExportError("--dynamic-size needs --format onnx (a TorchScript trace keeps the traced size)")
+        step = frozen.adapter.enable_dynamic_size()  # the copy's backbone only; raises if the family cannot
+        shapes += [(image_size + step, image_size + step), (image_size, image_size + 2 * step)]
 
-    def inputs(size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        images = torch.randn(size, 3, image_size, image_size, generator=generator)
+    def inputs(size: int, generator: torch.Generator, shape: tuple[int, int] = shapes[0]) -> tuple[torch.Tensor, ...]:
+        images = torch.randn(size, 3, *shape, generator=generator)
         return (images, torch.arange(size) % tasks) if tasks else (images,)
 
-    batches = _check_batches(frozen, sorted({1, max(batch_for_check, tasks)}), inputs)
+    batches = [batch for shape in shapes
+               for batch in _check_batches(frozen, sorted({1, max(batch_for_check, tasks)}),
+                                           lambda size, generator: inputs(size, generator, shape))]
     names = (INPUT_NAME, TASK_INPUT_NAME) if tasks else (INPUT_NAME,)
-    # Traced with batch 2: a batch of 1 invites exporters to bake that size into the graph.
-    example = inputs(2, torch.Generator())
+    # Traced with batch 2: a batch of 1 invites exporters to bake that size into the graph; a
+    # dynamic-size export is traced off the trained size, where timm skips the resampling.
+    example = inputs(2, torch.Generator(), shapes[-1])
     output = Path(output)
     try:
         with atomic_target(output) as tmp:
             if fmt == "onnx":
-                _write_onnx(frozen, example, tmp, opset, names)
+                _write_onnx(frozen, example, tmp, opset, names, dynamic_size)
                 _add_onnx_metadata(tmp, metadata or {})
                 runner, checked_with = _onnx_runner(tmp)
             else:
@@ -150,7 +164,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _write_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int,
-                input_names: tuple[str, ...]) -> None:
+                input_names: tuple[str, ...], dynamic_size: bool = False) -> None:
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if size > _ONNX_MAX_BYTES:
         raise ExportError(
@@ -166,7 +180,8 @@ def _write_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
                 dynamo=False,
                 input_names=list(input_names),
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={name: {0: "batch"} for name in (*input_names, OUTPUT_NAME)},
+                dynamic_axes={**{name: {0: "batch"} for name in (*input_names, OUTPUT_NAME)},
+                              **({INPUT_NAME: {0: "batch", 2: "height", 3: "width"}} if dynamic_size else {})},
                 opset_version=opset,
             )
     except Exception as exc:

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from vpt_cli.errors import ExportError
+
 
 class FamilyAdapter(ABC):
     """Layout of one backbone family, bound to one model instance.
@@ -80,3 +82,9 @@ class FamilyAdapter(ABC):
     def pool(self, x: torch.Tensor, prompts: int, pool: str | None) -> torch.Tensor:
         """Final norm and pooling `pool` of the last layer's output, whose last `prompts` rows are
         prompt outputs (when pooling reads that far) -> (B, num_features) pre-logits."""
+
+    def enable_dynamic_size(self) -> int:
+        """Let the model take any input size a multiple of the returned step, resampling its
+        position embeddings in the forward (for a size-dynamic export); families that cannot,
+        refuse."""
+        raise ExportError(f"the {self.family} family cannot take dynamic input sizes; export at the trained size")

@@ -10,6 +10,7 @@ The other ViT-like families (DeiT distilled, EVA, BEiT) share these attributes a
 from __future__ import annotations
 
 import torch
+from timm.layers import Format, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
@@ -31,10 +32,29 @@ class ViTAdapter(FamilyAdapter):
     def num_prefix_tokens(self) -> int:
         return self.model.num_prefix_tokens
 
+    dynamic = False  # set by enable_dynamic_size: position embeddings resampled to each input
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model
-        x = model._pos_embed(model.patch_embed(images))
+        patches = model.patch_embed(images)
+        x = self._dynamic_pos_embed(patches) if self.dynamic else model._pos_embed(patches)
         return model.norm_pre(model.patch_drop(x))
+
+    def _dynamic_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's `_pos_embed` for an NHWC patch grid of any size, resampling without antialiasing
+        (which ONNX cannot express, and which only matters when shrinking)."""
+        model = self.model
+        batch, height, width, channels = x.shape
+        pos = resample_abs_pos_embed(model.pos_embed, new_size=(height, width), old_size=model.patch_embed.grid_size,
+                                     num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,
+                                     antialias=False)
+        prefix = [token.expand(batch, -1, -1) for token in (model.cls_token, model.reg_token) if token is not None]
+        x = x.reshape(batch, -1, channels)
+        if model.no_embed_class:
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        return model.pos_drop(x)
 
     def run_layer(self, index: int, x: torch.Tensor, rows: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         return block_rows(self.model.blocks[index], x, rows, attn_mask)
@@ -70,3 +90,13 @@ class ViTAdapter(FamilyAdapter):
         if not isinstance(model.fc_norm, nn.Identity):
             return model.fc_norm(features)
         return F.layer_norm(features, (self.num_features,), eps=getattr(model.norm, "eps", 1e-6))
+
+    def enable_dynamic_size(self) -> int:
+        """Switched on after construction (on an export copy): the patch embedding keeps its grid
+        (NHWC) and `embed` resamples the position embeddings to it."""
+        if type(self) is not ViTAdapter and type(self).embed is not ViTAdapter.embed:
+            return super().enable_dynamic_size()  # a family with its own position machinery
+        patches = self.model.patch_embed
+        patches.strict_img_size, patches.flatten, patches.output_fmt = False, False, Format.NHWC
+        self.dynamic = True
+        return self.patch_size
