@@ -296,12 +296,17 @@ class TrainingRun:
                          "last" if self.select_last else "best")
 
 
+def describe_changes(saved: dict[str, Any], current: dict[str, Any], keys: list[str]) -> str:
+    """'train.lr None -> 0.5, ...' for the first three `keys`, the settings a resume would change."""
+    return ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in keys[:3])
+
+
 def check_same_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A checkpoint resumes only under the settings it was made with; name what changed."""
     keys = sorted(set(saved) | set(current))
     changed = [key for key in keys if saved.get(key) != current.get(key)]
     if changed:
-        shown = ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
+        shown = describe_changes(saved, current, changed)
         raise TaskError(f"the checkpoint was made with other settings ({shown}); resume with the same settings, "
                         "or start again without --resume (and with --force)")
 

@@ -28,7 +28,7 @@ from vpt_cli.backbones import Backbone, check_weights_reachable, create_backbone
 from vpt_cli.config import RunConfig, apply_overrides
 from vpt_cli.data import (DecodeCache, ImageDataset, Sample, auto_workers, build_transform, class_counts, decode_size,
                           discover_splits, few_shot, make_loader, validate_samples)
-from vpt_cli.engine import FitResult, TrainingRun, check_same_settings
+from vpt_cli.engine import FitResult, TrainingRun, check_same_settings, describe_changes
 from vpt_cli.errors import DataError, TaskError, UsageError
 from vpt_cli.home import (check_task_name, remove_orphan_temp_files, resolve_task_path, slugify, task_lock,
                           task_name_from)
@@ -197,14 +197,14 @@ def settings_config(saved: dict[str, Any], given: dict[str, Any]) -> RunConfig:
     """The config a run resumes with: its checkpoint's settings, plus only what RESUME_MAY_CHANGE
     among the options the user `given` (dotted keys, None = not given); any other given option
     that differs is refused, in one line naming it."""
-    changed = [key for key, value in given.items()
-               if value is not None and key not in RESUME_MAY_CHANGE and run_settings_value(key, value) != saved.get(key)]
+    asked = {key: run_settings_value(key, value) for key, value in given.items() if value is not None}
+    changed = [key for key, value in asked.items() if key not in RESUME_MAY_CHANGE and value != saved.get(key)]
     if changed:
-        shown = ", ".join(f"{key} {saved.get(key)!r} -> {run_settings_value(key, given[key])!r}" for key in changed[:3])
-        raise UsageError(f"--resume continues with the run's own settings; these differ: {shown} "
-                         "(only --epochs, --device and --workers may change; start a new run with --force instead)")
+        raise UsageError(f"--resume continues with the run's own settings; these differ: "
+                         f"{describe_changes(saved, asked, changed)} (only --epochs, --device and --workers may "
+                         "change; start a new run with --force instead)")
     config = RunConfig()
-    apply_overrides(config, {**saved, **{k: v for k, v in given.items() if v is not None and k in RESUME_MAY_CHANGE}})
+    apply_overrides(config, {**saved, **{k: v for k, v in asked.items() if k in RESUME_MAY_CHANGE}})
     return config.validate()
 
 
