@@ -1,6 +1,8 @@
 """Config: defaults, YAML sections, CLI overrides on top, and clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -67,3 +69,12 @@ def test_token_prompt_init_refuses_a_projection():
 def test_negative_or_nan_values_are_refused(key, value):
     with pytest.raises(UsageError):
         load_config(None, {key: value, "data.path": "x"})
+
+
+def test_strict_json_turns_non_finite_numbers_into_null():
+    import json
+
+    from vpt_cli.fileio import strict_json
+
+    text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": (2, -float("inf")), "p": Path("x")})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": [2, None], "p": "x"}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vpt_cli import distributed
-from vpt_cli.home import resolve_task_path, slugify, task_name_from
+from vpt_cli.home import resolve_task_path, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, decode_size,
                           failure_reason, list_images, load_image, make_loader, read_eval_split, read_task_requests,
@@ -25,7 +25,7 @@ from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, c
 from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
 from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
 from vpt_cli.inference import load_for_inference
-from vpt_cli.fileio import numbered_dir, write_text
+from vpt_cli.fileio import numbered_dir, strict_json, write_text
 from vpt_cli.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.plots import render_confusion_png, render_labelled_image, render_reliability_png
@@ -35,8 +35,8 @@ from vpt_cli.reporting import Reporter
 from vpt_cli.serving import load_tasks
 from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
 from vpt_cli.checkpoint import Checkpoint
-from vpt_cli.training import (CHECKPOINT_FILE, EpochWriter, RunFolder, TrainResult, claim_task, prepare_run,
-                              run_settings, save_trained, settings_config)
+from vpt_cli.training import (CHECKPOINT_FILE, EpochWriter, RunFolder, TrainResult, claim_task, default_task_name,
+                              prepare_run, run_settings, save_trained, settings_config)
 
 
 def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
@@ -101,7 +101,7 @@ def resume(task: str | None, given: dict[str, Any], folder: RunFolder | None = N
         task = task or Checkpoint(run_dir / CHECKPOINT_FILE).saved_task() or run_dir.name
         folder = RunFolder(project=run_dir.parent, name=run_dir.name, tensorboard=folder.tensorboard)
     elif task is None:  # train's default: the data folder's name
-        task = slugify(Path(data or ".").resolve().name)
+        task = default_task_name(data)
     run_dir = Path(folder.project) / (folder.name or task_name_from(resolve_task_path(task)))
     config = settings_config(Checkpoint(run_dir / CHECKPOINT_FILE).settings(), given)
     return train(config, task=task, resume=True, reporter=reporter,
@@ -208,7 +208,7 @@ def _write_eval_files(result: EvalResult, answers: list[SamplePrediction], title
     writer.writerow(["file", "true", "predicted", "confidence"])
     writer.writerows([a.file, a.true, a.predicted, f"{a.confidence:.6f}"] for a in answers)
     write_text(files["predictions"], table.getvalue())
-    write_text(files["metrics"], json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    write_text(files["metrics"], strict_json(result.to_dict()))
     page = render_report_html(title=title, report=result.report, calibration=result.calibration, predictions=answers,
                               images={"confusion matrix": files["confusion_png"],
                                       "confusion matrix, row percentages": files["confusion_normalized_png"],

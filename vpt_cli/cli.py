@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 import signal
 import sys
@@ -26,6 +24,7 @@ from vpt_cli.config import (ADAMW_HEAD_LR, ADAMW_PROMPT_LR, AUGMENTS, AUTO_PROMP
                             OPTIMIZERS, POOLS, PROMPT_INITS, SELECTS, SGD_BASE_LR, TOKEN_INIT_IMAGES, RunConfig,
                             SweepConfig)
 from vpt_cli.errors import Terminated, UsageError, VPTError, one_line
+from vpt_cli.fileio import strict_json
 from vpt_cli.safetext import printable, safe
 
 if TYPE_CHECKING:
@@ -259,12 +258,7 @@ def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: 
 
 
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(_json_text(payload))
-
-
-def _json_text(payload: Any) -> str:
-    """Strict JSON: a non-finite number (which JSON cannot hold) is written as null."""
-    return json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n"
+    sys.stdout.write(strict_json(payload))
 
 
 def _predictions_csv(result: Any) -> str:
@@ -285,16 +279,6 @@ def _write_output(path: Path, text: str) -> None:
         write_text(path, text)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
 
 
 @app.command()
@@ -540,7 +524,7 @@ def predict(
 
             render_predictions(out, result)
         else:
-            text = _json_text(result.to_dict()) if fmt is OutputFormat.json else _predictions_csv(result)
+            text = strict_json(result.to_dict()) if fmt is OutputFormat.json else _predictions_csv(result)
             if output is None:
                 sys.stdout.write(text)
             else:

@@ -1,11 +1,13 @@
 """Atomic file writes: every artifact (task, checkpoint, CSV, PNG, config, export) goes through here."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextmanager
@@ -75,3 +77,19 @@ def numbered_dir(parent: str | Path, name: str, exist_ok: bool = False) -> Path:
             continue
         return candidate
     raise FileExistsError(f"no free run folder name for {parent / name}")
+
+
+def strict_json(payload: Any) -> str:
+    """Indented strict JSON text: a non-finite number (which JSON cannot hold) becomes null, and
+    anything else JSON lacks (a Path) its string."""
+    return json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

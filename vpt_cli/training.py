@@ -148,7 +148,7 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
     process gets its own scratch folder for decoded photos, removed when the run ends."""
     config.validate()
     folder = folder or RunFolder()
-    path = resolve_task_path(task if task is not None else slugify(Path(config.data.path).resolve().name))
+    path = resolve_task_path(task if task is not None else default_task_name(config.data.path))
     name = task_name_from(path)
     run_name = check_task_name(folder.name) if folder.name is not None else name
     exact = (Path(folder.project) / run_name).resolve()
@@ -179,6 +179,11 @@ RUN_FILES = (CHECKPOINT_FILE, "best.safetensors", "last.safetensors", "args.yaml
 
 
 # What a resumed run may change: where and how fast it runs, and how long (extending the epochs).
+def default_task_name(data: str | Path) -> str:
+    """The task name `train` uses when none is given: the data folder's name, made to fit."""
+    return slugify(Path(data or ".").resolve().name)
+
+
 RESUME_MAY_CHANGE = ("train.device", "data.workers", "train.epochs")
 _PATH_SETTINGS = ("data.path", "backbone.weights")
 
@@ -186,11 +191,9 @@ _PATH_SETTINGS = ("data.path", "backbone.weights")
 def run_settings(config: RunConfig) -> dict[str, Any]:
     """The settings a checkpoint must be resumed with: the whole config as given (before 'auto'
     values are resolved) as dotted keys with absolute paths, less RESUME_MAY_CHANGE."""
-    flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-    for key in _PATH_SETTINGS:
-        if flat.get(key):
-            flat[key] = str(Path(flat[key]).resolve())
-    return {key: value for key, value in flat.items() if key not in RESUME_MAY_CHANGE}
+    return {f"{section}.{key}": run_settings_value(f"{section}.{key}", value)
+            for section, values in config.to_dict().items() for key, value in values.items()
+            if f"{section}.{key}" not in RESUME_MAY_CHANGE}
 
 
 def settings_config(saved: dict[str, Any], given: dict[str, Any]) -> RunConfig:
