@@ -29,18 +29,18 @@ from _report import DEFAULT_WEIGHTS, machine_line, markdown_table, pin_malloc, w
 pin_malloc()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from accuracy import CLASSES, FASHION, read_idx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from accuracy import CLASSES, FASHION, read_idx  # noqa: E402
 from vpt_cli import api  # noqa: E402
-from vpt_cli.backbones import create_backbone  # noqa: E402
 from vpt_cli.config import BALANCES, BackboneConfig, PromptConfig, load_config  # noqa: E402
 from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, read_eval_split  # noqa: E402
-from vpt_cli.losses import ClassBalance  # noqa: E402
-from vpt_cli.metrics import classification_report, shot_group_accuracy  # noqa: E402
+from vpt_cli.evaluation.metrics import classification_report, shot_group_accuracy  # noqa: E402
+from vpt_cli.models.backbones import create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
-from vpt_cli.probe import extract_features, fit_linear_head  # noqa: E402
-from vpt_cli.reporting import Reporter  # noqa: E402
+from vpt_cli.objectives.balance import ClassBalance  # noqa: E402
+from vpt_cli.runtime.reporting import Reporter  # noqa: E402
+from vpt_cli.training.probe import extract_features, fit_linear_head  # noqa: E402
 
 BACKBONE = "vit_small_patch14_dinov2"
 PROBE_DECAY = 1e-3  # what probe_init_head uses without a val split

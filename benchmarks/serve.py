@@ -31,17 +31,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from _report import DEFAULT_WEIGHTS, MMAP_ENV, ROOT, machine_line, markdown_table, write_section  # noqa: E402
 
-import torch  # noqa: E402
-
-from vpt_cli.artifact import Task, TaskInfo, load_task, save_task  # noqa: E402
-from vpt_cli.home import resolve_task_path, tasks_dir  # noqa: E402
-from vpt_cli.backbones import Backbone, create_backbone  # noqa: E402
+from vpt_cli.artifact.home import resolve_task_path, tasks_dir  # noqa: E402
+from vpt_cli.artifact.schema import Task, TaskInfo, load_task, save_task  # noqa: E402
 from vpt_cli.config import BackboneConfig, PromptConfig  # noqa: E402
+from vpt_cli.models.backbones import Backbone, create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
-from vpt_cli.inference import task_model  # noqa: E402
-from vpt_cli.serving import load_tasks  # noqa: E402
+from vpt_cli.serving.loading import task_model  # noqa: E402
+from vpt_cli.serving.tasks import load_tasks  # noqa: E402
 
 BACKBONE = "vit_small_patch14_dinov2"
 SAMPLE_IMAGES = ROOT / "sample_data" / "val"

@@ -1,6 +1,6 @@
 """Train-step time, peak training memory and predict throughput of every method, in one process.
 
-Same backbone, same batch, same engine code (`vpt_cli.engine.train_one_epoch` with the engine's
+Same backbone, same batch, same engine code (`vpt_cli.training.engine.train_one_epoch` with the engine's
 optimiser) for vpt-deep, vpt-shallow, linear and full fine-tuning; then the forward of a trained
 task against the bare timm forward. Prints the ratios the project promises and rewrites the
 `speed` section of docs/benchmarks.md, ending with a paragraph written from the numbers.
@@ -35,12 +35,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vpt_cli.artifact import load_task  # noqa: E402
-from vpt_cli.backbones import create_backbone  # noqa: E402
+from vpt_cli.artifact.schema import load_task  # noqa: E402
 from vpt_cli.config import BackboneConfig, PromptConfig, TrainConfig  # noqa: E402
-from vpt_cli.engine import build_optimizer, train_one_epoch, warmup_cosine  # noqa: E402
-from vpt_cli.reporting import Reporter  # noqa: E402
+from vpt_cli.models.backbones import create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
+from vpt_cli.runtime.reporting import Reporter  # noqa: E402
+from vpt_cli.training.engine import build_optimizer, train_one_epoch, warmup_cosine  # noqa: E402
 
 METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
 

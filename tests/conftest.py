@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vpt_cli.backbones import create_backbone
 from vpt_cli.config import BackboneConfig
+from vpt_cli.models.backbones import create_backbone
 
 TINY_KWARGS = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)
 

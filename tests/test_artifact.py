@@ -11,11 +11,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vpt_cli.artifact import (FORMAT_VERSION, Task, TaskInfo, list_tasks, load_task, read_safetensors_header,
-                              read_task_info, save_task)
-from vpt_cli.home import resolve_task_path, tasks_dir
-from vpt_cli.errors import TaskError, UsageError
-
+from vpt_cli.artifact.home import resolve_task_path, tasks_dir
+from vpt_cli.artifact.registry import list_tasks
+from vpt_cli.artifact.schema import (
+    FORMAT_VERSION,
+    Task,
+    TaskInfo,
+    load_task,
+    read_safetensors_header,
+    read_task_info,
+    save_task,
+)
+from vpt_cli.core.errors import TaskError, UsageError
 
 DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
                "crop_pct": 0.9, "crop_mode": "center"}
@@ -96,7 +103,7 @@ def test_registry_names_and_paths(isolated_home, tmp_path):
 def test_vpt_tasks_reads_headers_without_importing_torch(isolated_home):
     for name in ("birds", "cars", "dogs"):
         save_task(make_task(name), resolve_task_path(name))
-    code = ("import sys; from vpt_cli.cli import app\n"
+    code = ("import sys; from vpt_cli.cli.app import app\n"
             "try:\n    app(['tasks', '--json'])\nexcept SystemExit:\n    pass\n"
             "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -121,8 +128,8 @@ def test_header_reader_agrees_with_safetensors(tmp_path):
 
 
 def test_vit_b16_deep_task_is_under_one_percent_of_the_backbone(tmp_path):
-    from vpt_cli.backbones import create_backbone
     from vpt_cli.config import BackboneConfig, PromptConfig
+    from vpt_cli.models.backbones import create_backbone
     from vpt_cli.models.prompted import PromptedViT
 
     backbone = create_backbone(BackboneConfig(name="vit_base_patch16_224"), pretrained=False)

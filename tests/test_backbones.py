@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 
-from vpt_cli.backbones import create_backbone, weights_fingerprint
 from vpt_cli.config import BackboneConfig
-from vpt_cli.errors import BackboneError
-
-from conftest import tiny_config
+from vpt_cli.core.errors import BackboneError
+from vpt_cli.models.backbones import create_backbone, weights_fingerprint
 
 
 @pytest.fixture
@@ -67,7 +66,7 @@ def test_unknown_model_name():
 
 
 def test_failed_download_names_the_offline_flag(monkeypatch):
-    import vpt_cli.backbones as backbones
+    import vpt_cli.models.backbones as backbones
 
     def offline(name, pretrained=False, **kwargs):
         if pretrained:
@@ -105,7 +104,7 @@ def test_non_vit_models_are_refused_before_weights_are_read(tmp_path):
 def test_without_dns_the_hub_is_asked_in_offline_mode_only(monkeypatch):
     import huggingface_hub.constants as hub_constants
 
-    import vpt_cli.backbones as backbones
+    import vpt_cli.models.backbones as backbones
 
     seen = {}
 
@@ -123,10 +122,10 @@ def test_without_dns_the_hub_is_asked_in_offline_mode_only(monkeypatch):
 
 
 def test_offline_without_weights_fails_before_the_data_is_scanned(monkeypatch, tmp_path):
-    import vpt_cli.backbones as backbones
     from typer.testing import CliRunner
 
-    from vpt_cli.cli import app
+    import vpt_cli.models.backbones as backbones
+    from vpt_cli.cli.app import app
 
     monkeypatch.setattr(backbones, "_hub_resolves", lambda: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))

@@ -2,19 +2,17 @@
 long-tail metrics eval reports."""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_readers import make_csv, run_config
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.cli import app
+from vpt_cli.cli.app import app
 from vpt_cli.config import BALANCES
 from vpt_cli.data.loading import class_balanced_sampler
-from vpt_cli.losses import ClassBalance
-from vpt_cli.metrics import classification_report, shot_group_accuracy
-
-from test_readers import make_csv, run_config
+from vpt_cli.evaluation.metrics import classification_report, shot_group_accuracy
+from vpt_cli.objectives.balance import ClassBalance
 
 COUNTS = (200, 20, 2)
 

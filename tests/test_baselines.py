@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from vpt_cli import api, engine
-from vpt_cli.artifact import load_task, read_task_info
-from vpt_cli.backbones import create_backbone
-from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, PromptConfig, RunConfig, TrainConfig, auto_num_prompts
-from vpt_cli.inference import load_for_inference
-from vpt_cli.models.prompted import PromptedViT
-
 from conftest import tiny_config
+
+from vpt_cli import api
+from vpt_cli.artifact.schema import load_task, read_task_info
+from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, PromptConfig, RunConfig, TrainConfig, auto_num_prompts
+from vpt_cli.models.backbones import create_backbone
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.serving.loading import load_for_inference
+from vpt_cli.training import engine
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

@@ -5,16 +5,15 @@ import inspect
 
 import pytest
 import torch
+from conftest import tiny_config
 from timm.models.vision_transformer import Attention, Block, ResPostBlock
 from torch.utils.flop_counter import FlopCounterMode
 
-from vpt_cli.backbones import create_backbone
+from vpt_cli.config import PromptConfig
+from vpt_cli.models.backbones import create_backbone
+from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.models.registry import adapter_for
 from vpt_cli.models.rows import block_rows, supports_row_subset
-from vpt_cli.config import PromptConfig
-from vpt_cli.models.prompted import PromptedViT
-
-from conftest import tiny_config
 
 
 def make_block(**kwargs) -> Block:

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 
-from vpt_cli.backbones import create_backbone
 from vpt_cli.config import PromptConfig
-from vpt_cli.errors import BackboneError
+from vpt_cli.core.errors import BackboneError
+from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.checkpoints import convert_checkpoint, data_parallel, moco_v3, token_pooled_into_averaging_model
 from vpt_cli.models.prompted import PromptedViT
-
-from conftest import tiny_config
 
 
 def moco_v3_file(backbone, path):

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import yaml
+from conftest import TINY_KWARGS
 from PIL import Image
 from typer.testing import CliRunner
 
-from vpt_cli.cli import app
-
-from conftest import TINY_KWARGS
+from vpt_cli.cli.app import app
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 runner = CliRunner()
@@ -31,7 +30,7 @@ def vpt(*args: str):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from vpt_cli.cli import app; sys.exit('torch' in sys.modules)"
+    code = "import sys; from vpt_cli.cli.app import app; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     result = subprocess.run([sys.executable, "-m", "vpt_cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "predict" in result.stdout
@@ -131,8 +130,8 @@ def test_yaml_config_with_cli_override(tiny_weights, tmp_path):
     result = vpt("train", SAMPLE, "--config", config, "--epochs", "1", "--prompt-init", "uniform", "--task", "y", "--json")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)["history"]) == 1
-    from vpt_cli.artifact import read_task_info
-    from vpt_cli.home import resolve_task_path
+    from vpt_cli.artifact.home import resolve_task_path
+    from vpt_cli.artifact.schema import read_task_info
 
     info = read_task_info(resolve_task_path("y"))
     assert info.prompt["method"] == "vpt-shallow" and info.prompt["num_prompts"] == 3

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vpt_cli.config import RunConfig, load_config
-from vpt_cli.errors import UsageError
+from vpt_cli.core.errors import UsageError
 
 
 def test_yaml_then_overrides_then_validation(tmp_path):
@@ -74,7 +74,7 @@ def test_negative_or_nan_values_are_refused(key, value):
 def test_strict_json_turns_non_finite_numbers_into_null():
     import json
 
-    from vpt_cli.fileio import strict_json
+    from vpt_cli.core.fileio import strict_json
 
     text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": (2, -float("inf")), "p": Path("x")})
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": [2, None], "p": "x"}

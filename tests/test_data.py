@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from vpt_cli.core.errors import DataError, UsageError
 from vpt_cli.data import (
     IMAGE_EXTENSIONS,
     ImageDataset,
@@ -25,7 +26,6 @@ from vpt_cli.data import (
     scan_class_folders,
     validate_samples,
 )
-from vpt_cli.errors import DataError, UsageError
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -16,17 +16,16 @@ from typing import Iterator
 
 import pytest
 import torch
+from conftest import TINY_KWARGS, tiny_config
 from torch.utils.data import BatchSampler, SequentialSampler
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.artifact import load_task
-from vpt_cli.cli import app
+from vpt_cli.artifact.schema import load_task
+from vpt_cli.cli.app import app
+from vpt_cli.cli.launch import parse_devices, root_cause, without_devices
 from vpt_cli.config import RunConfig, TrainConfig
-from vpt_cli.launch import parse_devices, root_cause, without_devices
-from vpt_cli.sharding import ShardedBatchSampler, shard_bounds
-
-from conftest import TINY_KWARGS, tiny_config
+from vpt_cli.runtime.sharding import ShardedBatchSampler, shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"

@@ -6,19 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from vpt_cli import api, engine
-from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
-from vpt_cli.home import resolve_task_path
-from vpt_cli.checkpoint import Checkpoint
-from vpt_cli.artifact import load_task
-from vpt_cli.errors import TaskError, Terminated, TrainingInterrupted
-from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.probe import fit_linear_head
-from vpt_cli.reporting import Reporter
-from vpt_cli.training import claim_task, prepare_run
-
 from conftest import tiny_config
+
+from vpt_cli import api
+from vpt_cli.artifact.home import resolve_task_path
+from vpt_cli.artifact.schema import load_task
+from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
+from vpt_cli.core.errors import TaskError, Terminated, TrainingInterrupted
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.runtime.reporting import Reporter
+from vpt_cli.training import engine
+from vpt_cli.training.prepare import prepare_run
+from vpt_cli.training.probe import fit_linear_head
+from vpt_cli.training.resume import Checkpoint
+from vpt_cli.training.run_folder import claim_task
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -218,7 +219,7 @@ def test_cli_resume_restores_every_setting_and_may_only_extend(tiny_weights):
     from the checkpoint; --epochs may extend the run, any other changed flag is refused."""
     from typer.testing import CliRunner
 
-    from vpt_cli.cli import app
+    from vpt_cli.cli.app import app
 
     config = tiny_run(tiny_weights, epochs=3, patience=0)
     config.prompt.num_prompts = None  # 'auto': resolved after the checkpoint's settings are compared

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vpt_cli.backbones import create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig
-from vpt_cli.errors import ExportError
-from vpt_cli.export import FORMATS, export_model
+from vpt_cli.core.errors import ExportError
+from vpt_cli.export.exporter import FORMATS, export_model
+from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.prompted import PromptedViT
 
 IMG = 32

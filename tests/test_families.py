@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_KWARGS
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.backbones import create_backbone
-from vpt_cli.cli import app
+from vpt_cli.cli.app import app
 from vpt_cli.config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
-from vpt_cli.errors import BackboneError, UsageError
-from vpt_cli.export import export_model
-from vpt_cli.inference import load_for_inference
+from vpt_cli.core.errors import BackboneError, UsageError
+from vpt_cli.export.exporter import export_model
+from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.multitask import MultiTaskViT
 from vpt_cli.models.prompted import PromptedViT
-
-from conftest import TINY_KWARGS
+from vpt_cli.serving.loading import load_for_inference
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 FAMILIES = {

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from vpt_cli.artifact import METADATA_KEY, Task, TaskInfo, save_task
-from vpt_cli.cli import app
+from vpt_cli.artifact.home import resolve_task_path, task_lock
+from vpt_cli.artifact.schema import METADATA_KEY, Task, TaskInfo, save_task
+from vpt_cli.cli.app import app
 from vpt_cli.config import PromptConfig
-from vpt_cli.home import resolve_task_path, task_lock
 from vpt_cli.models.prompted import PromptedViT
-
-from conftest import tiny_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 IMAGE = sorted((SAMPLE / "val" / "bag").iterdir())[0]
@@ -243,7 +242,7 @@ def test_bad_task_names_exit_2_before_any_work(tiny_weights, name, isolated_home
 
 
 def test_default_task_name_is_slugified(tmp_path, tiny_weights):
-    from vpt_cli.home import slugify
+    from vpt_cli.artifact.home import slugify
 
     assert slugify("My Photos (2024)!") == "My-Photos-2024"
     assert slugify("...") == "task" and slugify("日本") == "task"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +29,6 @@ def test_an_upward_import_would_be_caught(tmp_path):
     green result above means something."""
     config = tmp_path / "inverted.toml"
     config.write_text('[tool.importlinter]\nroot_package = "vpt_cli"\n\n[[tool.importlinter.contracts]]\n'
-                      'name = "inverted"\ntype = "layers"\nlayers = ["vpt_cli.api", "vpt_cli.cli"]\n')
+                      'name = "inverted"\ntype = "layers"\nlayers = ["vpt_cli.api", "vpt_cli.cli.app"]\n')
     result = lint_imports(config)
-    assert result.returncode != 0 and "vpt_cli.cli -> vpt_cli.api" in result.stdout
+    assert result.returncode != 0 and "vpt_cli.cli.app -> vpt_cli.api" in result.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vpt_cli.metrics import (
+from vpt_cli.evaluation.metrics import (
     EvalReport,
     MetricAccumulator,
     classification_report,
@@ -18,7 +18,7 @@ from vpt_cli.metrics import (
     topk_accuracy,
     write_confusion_csv,
 )
-from vpt_cli.plots import render_confusion_png, render_history_png
+from vpt_cli.evaluation.plots import render_confusion_png, render_history_png
 
 CLASSES3 = ["cat", "dog", "bird"]
 
@@ -256,7 +256,7 @@ def test_history_png(tmp_path: Path) -> None:
 
 
 def test_calibration_by_hand() -> None:
-    from vpt_cli.metrics import calibration
+    from vpt_cli.evaluation.metrics import calibration
 
     confidence = torch.tensor([0.95, 0.95, 0.55, 0.55, 0.55, 0.55])
     correct = torch.tensor([True, False, True, True, True, False])

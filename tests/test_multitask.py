@@ -9,24 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.artifact import Task, TaskInfo, save_task
-from vpt_cli.home import tasks_dir
-from vpt_cli.backbones import create_backbone
-from vpt_cli.cli import app
+from vpt_cli.artifact.home import tasks_dir
+from vpt_cli.artifact.schema import Task, TaskInfo, save_task
+from vpt_cli.cli.app import app
 from vpt_cli.config import PromptConfig
-from vpt_cli.errors import TaskError
-from vpt_cli.export import export_model
-from vpt_cli.inference import load_for_inference
+from vpt_cli.core.errors import TaskError
+from vpt_cli.export.exporter import export_model
+from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.multitask import MultiTaskViT
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.serving import load_tasks
-
-from conftest import tiny_config
+from vpt_cli.serving.loading import load_for_inference
+from vpt_cli.serving.tasks import load_tasks
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 IMAGES = sorted((SAMPLE / "val" / "bag").iterdir())[:3] + sorted((SAMPLE / "val" / "dress").iterdir())[:2]

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from conftest import TINY_KWARGS
 from test_readers import make_fgvc, make_vtab
 

@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_multitask import check_mixed_equals_single, task_models
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.artifact import Task, TaskInfo, read_task_info, save_task, tasks_dir
-from vpt_cli.backbones import create_backbone
-from vpt_cli.cli import app
+from vpt_cli.artifact.home import tasks_dir
+from vpt_cli.artifact.schema import Task, TaskInfo, read_task_info, save_task
+from vpt_cli.cli.app import app
 from vpt_cli.config import POOLS, PromptConfig, RunConfig, TrainConfig, load_config
-from vpt_cli.errors import UsageError
-from vpt_cli.export import export_model
-from vpt_cli.inference import load_for_inference
+from vpt_cli.core.errors import UsageError
+from vpt_cli.export.exporter import export_model
+from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.multitask import MultiTaskViT
 from vpt_cli.models.prompted import PromptedViT
-
-from conftest import tiny_config
-from test_multitask import check_mixed_equals_single, task_models
+from vpt_cli.serving.loading import load_for_inference
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
-
-from vpt_cli.backbones import create_backbone
-from vpt_cli.config import PromptConfig
-from vpt_cli.models.prompted import PromptedViT, prompt_init_bound
-
 from conftest import tiny_config
+
+from vpt_cli.config import PromptConfig
+from vpt_cli.models.backbones import create_backbone
+from vpt_cli.models.prompted import PromptedViT, prompt_init_bound
 
 
 def reference_forward(backbone, prompts, images, deep):

@@ -7,16 +7,15 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.cli import app
+from vpt_cli.cli.app import app
 from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
+from vpt_cli.core.errors import DataError, UsageError
 from vpt_cli.data import discover_splits, read_eval_split
-from vpt_cli.errors import DataError, UsageError
-
-from conftest import tiny_config
 
 COLORS = {"ant": (200, 30, 30), "bee": (30, 200, 30), "cat": (30, 30, 200)}
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from vpt_cli import api
-from vpt_cli.backbones import create_backbone
 from vpt_cli.config import BackboneConfig, PromptConfig, load_config
 from vpt_cli.data import build_transform, load_image
+from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.prompted import PromptedViT
 
 WEIGHTS = os.environ.get("VPT_TEST_WEIGHTS")

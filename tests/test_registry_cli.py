@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 
+from test_artifact import make_task
 from typer.testing import CliRunner
 
-from vpt_cli.artifact import save_task
-from vpt_cli.cli import app
-from vpt_cli.home import tasks_dir
-
-from test_artifact import make_task
+from vpt_cli.artifact.home import tasks_dir
+from vpt_cli.artifact.schema import save_task
+from vpt_cli.cli.app import app
 
 runner = CliRunner()
 

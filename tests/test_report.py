@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from vpt_cli.artifact import Task, TaskInfo, save_task
-from vpt_cli.cli import app
+from vpt_cli.artifact.schema import Task, TaskInfo, save_task
+from vpt_cli.cli.app import app
 from vpt_cli.config import PromptConfig
 from vpt_cli.models.prompted import PromptedViT
-
-from conftest import tiny_config
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 CLASSES = sorted(p.name for p in (SAMPLE / "val").iterdir())

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from test_readers import make_csv, run_config
 from typer.testing import CliRunner
 
 from vpt_cli import api
-from vpt_cli.artifact import read_task_info
-from vpt_cli.cli import app
+from vpt_cli.artifact.schema import read_task_info
+from vpt_cli.cli.app import app
 from vpt_cli.data import Sample, class_counts, few_shot
-
-from test_readers import make_csv, run_config
 
 
 def samples(counts: list[int]) -> list[Sample]:

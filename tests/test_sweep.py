@@ -6,16 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_KWARGS, tiny_config
 from typer.testing import CliRunner
 
-from vpt_cli import sweep
-from vpt_cli.artifact import read_task_info
-from vpt_cli.home import resolve_task_path
-from vpt_cli.cli import app
+from vpt_cli.artifact.home import resolve_task_path
+from vpt_cli.artifact.schema import read_task_info
+from vpt_cli.cli.app import app
 from vpt_cli.config import RunConfig, TrainConfig
-from vpt_cli.errors import UsageError
-
-from conftest import TINY_KWARGS, tiny_config
+from vpt_cli.core.errors import UsageError
+from vpt_cli.training import sweep
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

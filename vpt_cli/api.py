@@ -9,34 +9,48 @@ import csv
 import io
 import json
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vpt_cli import distributed
-from vpt_cli.home import resolve_task_path, task_name_from
+from vpt_cli.artifact.home import resolve_task_path, task_name_from
 from vpt_cli.config import RunConfig
-from vpt_cli.data import (ImageDataset, Sample, auto_workers, build_transform, collate_skip_bad, decode_size,
-                          failure_reason, list_images, load_image, make_loader, read_eval_split, read_task_requests,
-                          validate_samples)
-from vpt_cli.engine import FitResult, evaluate as run_evaluation, fit
-from vpt_cli.errors import DataError, PredictError, TrainingInterrupted, UsageError
-from vpt_cli.inference import load_for_inference
-from vpt_cli.fileio import numbered_dir, strict_json, write_text
-from vpt_cli.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
+from vpt_cli.core.errors import DataError, PredictError, TrainingInterrupted, UsageError
+from vpt_cli.core.fileio import numbered_dir, strict_json, write_text
+from vpt_cli.data import (
+    ImageDataset,
+    Sample,
+    auto_workers,
+    build_transform,
+    collate_skip_bad,
+    decode_size,
+    failure_reason,
+    list_images,
+    load_image,
+    make_loader,
+    read_eval_split,
+    read_task_requests,
+    validate_samples,
+)
+from vpt_cli.evaluation.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
+from vpt_cli.evaluation.plots import render_confusion_png, render_labelled_image, render_reliability_png
+from vpt_cli.evaluation.report import SamplePrediction, render_report_html
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.plots import render_confusion_png, render_labelled_image, render_reliability_png
-from vpt_cli.probe import probe_init_head
-from vpt_cli.report import SamplePrediction, render_report_html
-from vpt_cli.reporting import Reporter
-from vpt_cli.serving import load_tasks
-from vpt_cli.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
-from vpt_cli.checkpoint import Checkpoint
-from vpt_cli.training import (CHECKPOINT_FILE, EpochWriter, RunFolder, TrainResult, claim_task, default_task_name,
-                              prepare_run, run_settings, save_trained, settings_config)
+from vpt_cli.runtime import distributed
+from vpt_cli.runtime.reporting import Reporter
+from vpt_cli.serving.loading import load_for_inference
+from vpt_cli.serving.tasks import load_tasks
+from vpt_cli.training.engine import FitResult, fit
+from vpt_cli.training.engine import evaluate as run_evaluation
+from vpt_cli.training.outputs import EpochWriter, TrainResult, save_trained
+from vpt_cli.training.prepare import prepare_run
+from vpt_cli.training.probe import probe_init_head
+from vpt_cli.training.resume import Checkpoint, run_settings, settings_config
+from vpt_cli.training.run_folder import CHECKPOINT_FILE, RunFolder, claim_task, default_task_name
+from vpt_cli.training.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
 
 
 def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
@@ -113,7 +127,7 @@ def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], promp
           eta: int = 3, budget: str | None = None, task: str | None = None, force: bool = False,
           reporter: SweepReporter | None = None, folder: RunFolder | None = None) -> SweepResult:
     """Search lr x weight decay (x prompt length) on the val split with successive halving and
-    keep the best trial as the task (vpt_cli.sweep)."""
+    keep the best trial as the task (vpt_cli.training.sweep)."""
     distributed.refuse_under_torchrun("vpt sweep", "its trials run one after another on one device")
     plan = plan_sweep(lrs, weight_decays, prompt_lengths, config.train.epochs, eta, budget)
     return run_sweep(config, plan, task=task, force=force, reporter=reporter,
@@ -332,7 +346,7 @@ def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | 
     input. The file carries the class names, preprocessing and task names as metadata; `output`
     defaults to `<task>.onnx` / `<task>.pt` in the current folder (`<a>_<b>` for a bundle).
     `dynamic_size`: ONNX inputs of any height and width (plain ViT backbones)."""
-    from vpt_cli.export import export_model  # late: the exporters load only when asked for
+    from vpt_cli.export.exporter import export_model  # late: the exporters load only when asked for
 
     names = tasks if isinstance(tasks, list) else [tasks]
     if len(names) == 1:

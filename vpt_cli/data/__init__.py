@@ -7,8 +7,15 @@ file never stops a run.
 """
 from vpt_cli.data.cache import DecodeCache
 from vpt_cli.data.folders import VAL_SPLIT_NAMES, scan_class_folders
-from vpt_cli.data.images import (IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageLoadError, failure_reason,
-                                 load_image, validate_samples)
+from vpt_cli.data.images import (
+                                 IMAGE_EXTENSIONS,
+                                 MAX_ASPECT_RATIO,
+                                 MAX_IMAGE_PIXELS,
+                                 ImageLoadError,
+                                 failure_reason,
+                                 load_image,
+                                 validate_samples,
+)
 from vpt_cli.data.inputs import MAX_GLOB_ENTRIES, list_images, read_task_requests
 from vpt_cli.data.loading import ImageDataset, auto_workers, collate_skip_bad, make_loader
 from vpt_cli.data.readers import DATA_FORMATS, discover_splits, read_eval_split

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vpt_cli.core.errors import DataError
 from vpt_cli.data.images import is_image
-from vpt_cli.errors import DataError
 
 _JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vpt_cli.core.errors import DataError, UsageError
 from vpt_cli.data.files import children, existing_dir, images_in
 from vpt_cli.data.images import IMAGE_EXTENSIONS, is_image
 from vpt_cli.data.splits import DatasetSplits, Sample, auto_source, stratified_split
-from vpt_cli.errors import DataError, UsageError
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation", "test")  # priority order
 

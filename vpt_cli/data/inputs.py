@@ -7,9 +7,9 @@ import glob
 import os
 from pathlib import Path
 
+from vpt_cli.core.errors import UsageError
 from vpt_cli.data.files import images_in, is_hidden
 from vpt_cli.data.images import is_image
-from vpt_cli.errors import UsageError
 
 MAX_GLOB_ENTRIES = 1_000_000
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vpt_cli.errors import DataError
+from vpt_cli.core.errors import DataError
 
 SPLITS = ("train", "val", "trainval", "test")
 CSV_SPLITS = ("train", "val", "test")

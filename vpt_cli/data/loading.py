@@ -7,12 +7,19 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
-                              WeightedRandomSampler)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 from vpt_cli.data.images import ImageLoadError, failure_reason, load_image
 from vpt_cli.data.splits import Sample
-from vpt_cli.sharding import ShardedBatchSampler
+from vpt_cli.runtime.sharding import ShardedBatchSampler
 
 _AUTO_WORKERS_MIN_ITEMS = 64
 
@@ -76,7 +83,7 @@ def make_loader(
 
     `class_balanced` (an ImageDataset's samples) draws classes equally often instead of shuffling.
     `batch_size` is the global batch; with `shard` = (rank, world) this process loads only its
-    slice of each one (vpt_cli.sharding), drawn from the same order as a single process."""
+    slice of each one (vpt_cli.runtime.sharding), drawn from the same order as a single process."""
     workers = auto_workers(len(dataset)) if workers is None else workers
     generator = torch.Generator()
     generator.manual_seed(seed)

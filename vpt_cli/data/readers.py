@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpt_cli.config import DATA_FORMATS
+from vpt_cli.core.errors import DataError, UsageError
 from vpt_cli.data.files import children, existing_dir
 from vpt_cli.data.folders import read_folders, scan_class_folders
 from vpt_cli.data.lists import FGVC_FILES, VTAB_FILES, Listing, read_csv, read_fgvc, read_vtab
 from vpt_cli.data.splits import DatasetSplits, Sample, auto_source, stratified_split
-from vpt_cli.errors import DataError, UsageError
-
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from timm.data import create_transform
 from torchvision import transforms
 
 from vpt_cli.config import AUGMENTS
-from vpt_cli.errors import UsageError
+from vpt_cli.core.errors import UsageError
 
 _DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 CROP_MIN_AREA = 0.5  # the "crop" augment's smallest crop, as a fraction of the image

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from vpt_cli.errors import ExportError
+from vpt_cli.core.errors import ExportError
 
 
 class FamilyAdapter(ABC):

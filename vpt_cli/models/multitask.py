@@ -14,7 +14,7 @@ length or deep/shallow:
 * Heads: all heads are stacked into one matrix (padded classes have weight 0 and bias -inf, so
   their probability is exactly 0); each sample keeps its own task's logits.
 
-Only the forward of the frozen model lives here; loading tasks is vpt_cli.serving's job.
+Only the forward of the frozen model lives here; loading tasks is vpt_cli.serving.tasks's job.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vpt_cli.models.prompted import PromptPlan, PromptedViT, Readout, prompted_forward
+from vpt_cli.models.prompted import PromptedViT, PromptPlan, Readout, prompted_forward
 
 
 class MultiTaskViT(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vpt_cli.config import POOLS, PromptConfig
-from vpt_cli.errors import UsageError
+from vpt_cli.core.errors import UsageError
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.registry import adapter_for
 

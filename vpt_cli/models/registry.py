@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 from timm.layers import PatchEmbed
 from torch import nn
 
-from vpt_cli.errors import BackboneError
+from vpt_cli.core.errors import BackboneError
 from vpt_cli.models.adapter import FamilyAdapter
 
 A = TypeVar("A", bound=type[FamilyAdapter])

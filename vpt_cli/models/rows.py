@@ -10,9 +10,9 @@ the full block (up to float summation order): attention is computed per query ro
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import Attention, Block
 from torch import nn
 from torch.nn import functional as F
-from timm.models.vision_transformer import Attention, Block
 
 
 def supports_row_subset(block: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from torch import nn
 from torch.nn import functional as F
 
-from vpt_cli.errors import BackboneError
+from vpt_cli.core.errors import BackboneError
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.registry import register_adapter
 

@@ -1,0 +1,1 @@
+"""The `vpt` command: a thin Typer layer over vpt_cli.api."""

@@ -1,0 +1,45 @@
+"""The `vpt` command: a thin Typer layer over vpt_cli.api.
+
+Each command parses its options, calls one library function and renders the result with rich
+(or prints it as JSON). torch is imported only inside commands so `vpt --help` starts fast.
+Errors the user can fix end with one line on stderr and a documented exit code.
+"""
+from __future__ import annotations
+
+import typer
+
+from vpt_cli import __version__
+from vpt_cli.cli import evaluate, export, predict, tasks, train
+from vpt_cli.cli.common import out
+
+app = typer.Typer(
+    name="vpt",
+    help="Visual Prompt Tuning for pretrained Vision Transformers: train a tiny task on a folder of "
+    "images, then evaluate, predict and export it. A task is a few prompt tokens and a linear head "
+    "on a frozen timm backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"vpt-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """Visual Prompt Tuning for pretrained Vision Transformers."""
+
+
+app.command()(train.train)
+app.command()(train.sweep)
+app.command("eval")(evaluate.evaluate)
+app.command()(predict.predict)
+app.command()(export.export)
+app.add_typer(tasks.tasks_app, name="tasks")
+
+

@@ -1,0 +1,276 @@
+"""Run settings as dataclasses, loadable from YAML and overridable from the command line.
+
+A run is described by four sections (backbone, prompt, data, train). The resolved config (YAML
+file, then CLI flags on top, then defaults filled in) is saved next to every run and inside the
+task file, so a result can always be traced back to exactly what produced it. No torch here:
+`vpt --help` imports this module and must stay fast.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vpt_cli.core.errors import UsageError
+
+DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
+OPTIMIZERS = ("adamw", "sgd")
+AUGMENTS = ("none", "flip", "crop")
+AUTO_PROMPT_FRACTION = 0.05  # of the patch tokens: the paper's 10 prompts at 224 px / 196 patches
+HEAD_INITS = ("probe", "zeros")
+PROMPT_INITS = ("tokens", "uniform")
+# The reference's readings of the last layer (vpt-method.md, "Pooling variants"); None in the
+# config means the backbone's own pooling.
+POOLS = ("token", "avg", "avg-patches", "avg-prompts")
+# Checkpoints pretrained without a CLS objective, pooled by averaging in the reference code: a
+# backbone whose timm tag is one of these defaults to prompt.pool "avg".
+AVG_POOLED_TAGS = ("mae",)
+TOKEN_INIT_IMAGES = 32  # training images whose patch tokens seed the prompts (prompt.init "tokens")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SELECTS = ("auto", "best", "last")
+DATA_FORMATS = ("auto", "folders", "csv", "vtab", "fgvc")  # vpt_cli.data.readers
+BALANCES = ("none", "reweight", "resample", "logit-adjust")  # vpt_cli.objectives.balance
+# Below this, best-on-val is noise: top-1 on a val split of n images has a standard error near
+# 0.4/sqrt(n), several times the gap between late epochs, and the probe start it competes with
+# had its strength picked on the same split (README, "Defaults").
+MIN_VAL_PER_CLASS_TO_SELECT = 20
+ADAMW_PROMPT_LR = 1e-2
+ADAMW_HEAD_LR = 3e-3
+SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
+DEEP_PROMPT_DROPOUT = 0.1  # this project's choice; the reference code uses 0.0
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen ViT to prompt and where its weights come from."""
+
+    name: str = DEFAULT_BACKBONE
+    weights: str | None = None  # local safetensors/npz/pth file; None = timm's hub download
+    img_size: int | None = None  # None = the backbone's own pretrained size
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm constructor arguments
+
+
+@dataclass
+class PromptConfig:
+    """What is trained: VPT-deep/shallow prompts, or a baseline (linear probe, full fine-tune)."""
+
+    method: str = "vpt-deep"
+    num_prompts: int | None = None  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
+    dropout: float | None = None  # None = DEEP_PROMPT_DROPOUT for vpt-deep, 0.0 otherwise
+    proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
+    init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
+    pool: str | None = None  # None = the backbone's own (avg for MAE tags) | token | avg | avg-patches | avg-prompts
+
+    @property
+    def deep(self) -> bool:
+        return self.method == "vpt-deep"
+
+    @property
+    def length(self) -> int:
+        """Prompt tokens actually inserted (baselines insert none)."""
+        if self.method not in ("vpt-deep", "vpt-shallow"):
+            return 0
+        if self.num_prompts is None:
+            raise UsageError("prompt.num_prompts is 'auto' until resolve_prompts() has seen the backbone")
+        return self.num_prompts
+
+    def resolve_prompts(self, num_patches: int) -> None:
+        """Fill in an 'auto' (None) prompt count for a backbone with `num_patches` patch tokens."""
+        if self.num_prompts is None:
+            self.num_prompts = auto_num_prompts(num_patches)
+
+    def resolve_pool(self, backbone_name: str) -> None:
+        """Fill in the pooling the reference uses for this checkpoint when none was asked for, so
+        the saved config (and the task file) records it: average pooling for MAE tags."""
+        if self.pool is None and backbone_name.partition(".")[2] in AVG_POOLED_TAGS:
+            self.pool = "avg"
+
+    @property
+    def resolved_dropout(self) -> float:
+        if self.dropout is not None:
+            return self.dropout
+        return DEEP_PROMPT_DROPOUT if self.deep else 0.0
+
+
+def auto_num_prompts(num_patches: int) -> int:
+    """About 5% of the patch tokens, at least 1: 10 at 224 px / 196 patches as in the paper, but 1 at
+    56 px / 16 patches, where 10 random prompts would be 37% of the tokens and drag the starting
+    features (and the probe-initialised head) below the plain linear probe (README, "Defaults")."""
+    return max(1, round(AUTO_PROMPT_FRACTION * num_patches))
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are split and augmented."""
+
+    path: str = ""
+    val_split: float = 0.1  # held-out fraction when DATA has no val/ folder
+    augment: str = "flip"  # none | flip | crop (random resized crop + flip)
+    workers: int | None = None  # None = auto
+    format: str = "auto"  # auto | folders | csv | vtab | fgvc (vpt_cli.data.readers)
+    trainval: bool = False  # list formats: train on train+val, score on test (the paper's final retrain)
+    shots: int | None = None  # K training images per class (seeded, stratified); None = all
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Defaults are tuned for small folders on a CPU; see README "Defaults"."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw (default) | sgd (the paper's recipe)
+    lr: float | None = None  # prompt learning rate; None = the optimizer's default
+    head_lr: float | None = None  # None = the optimizer's default
+    weight_decay: float = 1e-4
+    warmup_epochs: int | None = None  # None = a tenth of the epochs, as in the paper
+    head_init: str = "probe"  # probe: fit a linear probe on the initial features first
+    patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
+    select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
+    balance: str = "logit-adjust"  # none | reweight | resample | logit-adjust (vpt_cli.objectives.balance; README "Long tail")
+    tau: float = 1.0  # logit-adjust strength (Menon et al. 2021)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return ADAMW_PROMPT_LR if self.optimizer == "adamw" else SGD_BASE_LR * self.batch_size / 256
+
+    def resolved_head_lr(self) -> float:
+        if self.head_lr is not None:
+            return self.head_lr
+        return ADAMW_HEAD_LR if self.optimizer == "adamw" else self.resolved_lr()
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_epochs if self.warmup_epochs is not None else self.epochs // 10
+
+
+@dataclass
+class SweepConfig:
+    """The search grid of `vpt sweep` and how trials are cut (successive halving, budget)."""
+
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-2)
+    eta: int = 3  # after each rung only the best 1/eta of the trials go on
+    budget: str | None = None  # "12" trials or "15m" of wall time; None = the whole grid
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        config = cls()
+        apply_overrides(config, _flatten(raw))
+        return config
+
+    def validate(self) -> "RunConfig":
+        """Raise UsageError on values no run can use; return self for chaining."""
+        _check_choice("prompt.method", self.prompt.method, METHODS)
+        _check_choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
+        _check_choice("data.augment", self.data.augment, AUGMENTS)
+        _check_choice("train.head_init", self.train.head_init, HEAD_INITS)
+        _check_choice("prompt.init", self.prompt.init, PROMPT_INITS)
+        if self.prompt.pool is not None:
+            _check_choice("prompt.pool", self.prompt.pool, POOLS)
+        if self.prompt.pool == "avg-prompts" and not self.prompt.method.startswith("vpt"):
+            raise UsageError(f"--pool avg-prompts averages prompt outputs, which --method {self.prompt.method} "
+                             "has none of")
+        if self.prompt.init == "tokens" and self.prompt.proj_dim:
+            raise UsageError("prompt.init 'tokens' copies backbone tokens, which a prompt projection (proj_dim) "
+                             "cannot take; set prompt.init: uniform to use one")
+        _check_choice("train.device", self.train.device, DEVICES)
+        _check_choice("train.select", self.train.select, SELECTS)
+        _check_choice("train.balance", self.train.balance, BALANCES)
+        if not 0.0 <= self.train.tau <= 10.0:
+            raise UsageError("--tau must be in [0, 10]")
+        if (self.prompt.method.startswith("vpt") and self.prompt.num_prompts is not None
+                and self.prompt.num_prompts < 1):
+            raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
+        if not 0.0 <= self.prompt.resolved_dropout < 1.0:
+            raise UsageError("prompt dropout must be in [0, 1)")
+        if not 0.0 <= self.data.val_split < 1.0:
+            raise UsageError("--val-split must be in [0, 1)")
+        if self.train.epochs < 1 or self.train.batch_size < 1:
+            raise UsageError("--epochs and --batch-size must be at least 1")
+        for flag, value in (("--lr", self.train.lr), ("--head-lr", self.train.head_lr)):
+            if value is not None and not value >= 0:
+                raise UsageError(f"{flag} must be zero or positive, not {value}")
+        if not self.train.weight_decay >= 0:
+            raise UsageError(f"--weight-decay must be zero or positive, not {self.train.weight_decay}")
+        if self.train.patience < 0 or (self.data.workers is not None and self.data.workers < 0):
+            raise UsageError("--patience and --workers must be zero or positive")
+        if self.train.warmup_epochs is not None and self.train.warmup_epochs < 0:
+            raise UsageError("train.warmup_epochs must be zero or positive")
+        _check_choice("data.format", self.data.format, DATA_FORMATS)
+        if self.data.shots is not None and self.data.shots < 1:
+            raise UsageError("--shots must be at least 1")
+        if self.backbone.img_size is not None and self.backbone.img_size < 8:
+            raise UsageError("--img-size must be at least 8")
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` ({"train.lr": 0.1, ...}).
+
+    Override values of None mean "flag not given" and are ignored, so CLI defaults never mask YAML.
+    """
+    config = RunConfig()
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"config {path} must be a mapping of sections")
+        apply_overrides(config, _flatten(raw))
+    apply_overrides(config, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return config.validate()
+
+
+def apply_overrides(config: RunConfig, flat: dict[str, Any]) -> None:
+    """Set dotted keys ("train.lr") on `config`; unknown keys are a UsageError naming them."""
+    sections = {f.name for f in fields(config)}
+    for key, value in flat.items():
+        section_name, _, attr = key.partition(".")
+        if section_name not in sections:
+            raise UsageError(f"unknown config section '{section_name}' (expected one of {sorted(sections)})")
+        section = getattr(config, section_name)
+        names = {f.name for f in fields(section)}
+        if attr not in names:
+            raise UsageError(f"unknown config key '{key}' (section '{section_name}' has {sorted(names)})")
+        setattr(section, attr, value)
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"config section '{section}' must be a mapping")
+        for attr, value in values.items():
+            flat[f"{section}.{attr}"] = value
+    return flat
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}, not '{value}'")
+

@@ -1,0 +1,1 @@
+"""Scoring a task: metrics, plots and the HTML report."""

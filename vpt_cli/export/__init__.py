@@ -1,0 +1,1 @@
+"""ONNX and TorchScript files of tasks, with metadata, checked against the eager model."""

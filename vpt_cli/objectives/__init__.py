@@ -1,0 +1,1 @@
+"""What a task type optimises and reports (loss, class balance, scores, metrics)."""

@@ -1,0 +1,1 @@
+"""Training a task: run folder, prepared data, the epoch loop, resume, probe and sweep."""

@@ -1,0 +1,153 @@
+"""What every training on a folder shares: the prepared run (data, loaders, backbone, run
+folder) and the saving of a trained model as a task with its history.
+
+`api.train` uses one prepared run per task; `sweep` shares one across all its trials (same data,
+same frozen backbone), so the folder is scanned and the backbone loaded only once.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vpt_cli.config import RunConfig
+from vpt_cli.core.errors import DataError, UsageError
+from vpt_cli.core.fileio import write_text
+from vpt_cli.data import (
+    DecodeCache,
+    ImageDataset,
+    Sample,
+    auto_workers,
+    build_transform,
+    class_counts,
+    decode_size,
+    discover_splits,
+    few_shot,
+    make_loader,
+    validate_samples,
+)
+from vpt_cli.models.backbones import Backbone, check_weights_reachable, create_backbone
+from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.runtime import distributed
+from vpt_cli.runtime.device import pick_device, seed_everything
+from vpt_cli.runtime.reporting import Reporter
+from vpt_cli.training.run_folder import ClaimedTask, write_skipped
+
+
+@dataclass
+class PreparedRun:
+    """What any training on a folder needs, made once: checked data, loaders, backbone, run folder."""
+
+    config: RunConfig
+    task_path: Path
+    name: str
+    classes: list[str]
+    split_source: str
+    num_train: int
+    num_val: int
+    skipped: list[tuple[str, str]]
+    run_dir: Path
+    backbone: Backbone
+    device: torch.device
+    train_loader: Any
+    probe_loader: Any
+    val_loader: Any | None
+    test_loader: Any | None  # --trainval: the test split, scored once after training
+    class_counts: list[int]  # training images per class, as trained (after --shots and unreadable files)
+    shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
+
+    @property
+    def balance(self) -> ClassBalance:
+        train = self.config.train
+        return ClassBalance(train.balance, tuple(self.class_counts), train.tau)
+
+
+def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> PreparedRun:
+    """Scan and check the data, load the backbone and build the loaders for a claimed task."""
+    data_root = Path(config.data.path)
+    task_path, name = task.path, task.name
+    check_weights_reachable(config.backbone)
+    seed_everything(config.train.seed)
+    splits = discover_splits(data_root, config.data.val_split, config.train.seed, data_format=config.data.format,
+                             trainval=config.data.trainval)
+    if config.data.shots is not None:
+        splits.train = few_shot(splits.train, config.data.shots, config.train.seed)
+    backbone = create_backbone(config.backbone)  # first: its input size says how far large photos are drafted
+    eval_size = decode_size(backbone.data_config)
+    train_size = decode_size(backbone.data_config, train=True, augment=config.data.augment)
+    train_samples, bad_train = validate_samples(splits.train, target=min(eval_size, train_size))
+    val_samples, bad_val = validate_samples(splits.val, target=eval_size)
+    skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
+    if not train_samples:
+        raise DataError(f"no readable training images in {data_root}")
+    config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
+    config.prompt.resolve_pool(backbone.name)  # ... and the pooling
+    patch = backbone.adapter.patch_size
+    if backbone.img_size % patch:
+        reporter.log(f"warning: the image size {backbone.img_size} is not a multiple of the {patch} px patch size: "
+                     f"the last {backbone.img_size % patch} pixel rows and columns are never seen")
+    run_dir = task.run_dir
+    if distributed.is_main():
+        train_workers = config.data.workers if config.data.workers is not None else auto_workers(len(train_samples))
+        write_text(run_dir / "args.yaml", resolved_args(config, backbone, train_workers).to_yaml())
+        write_skipped(run_dir, skipped)
+    if skipped:
+        reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
+
+    workers = config.data.workers
+    batch = config.train.batch_size
+    if min(batch, len(train_samples)) < distributed.world_size():
+        raise UsageError(f"{distributed.world_size()} processes need a global batch of at least as many training "
+                         f"images (--batch-size {batch}, {len(train_samples)} training images)")
+    if distributed.share_note(batch):
+        reporter.log(distributed.share_note(batch))
+    shard = distributed.shard()
+    eval_transform = build_transform(backbone.data_config, train=False)
+    eval_decode = DecodeCache(task.scratch, eval_size).load  # each photo decoded once per run, not once per epoch
+    train_decode = DecodeCache(task.scratch, train_size).load
+    # Fresh loader workers each epoch (not persistent): they are seeded from the loader's generator,
+    # which the checkpoint saves, so a resumed run augments exactly as the uninterrupted one.
+    train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment),
+                                            train_decode),
+                               batch, shuffle=True, workers=workers, seed=config.train.seed,
+                               drop_last=len(train_samples) > batch, persistent=False,
+                               class_balanced=config.train.balance == "resample", shard=shard)
+    probe_loader = make_loader(ImageDataset(train_samples, eval_transform, eval_decode), batch, False, workers,
+                               config.train.seed, shard=shard)
+    held_out = (make_loader(ImageDataset(val_samples, eval_transform, eval_decode), batch, False, workers,
+                            config.train.seed, shard=shard) if val_samples else None)
+    # --trainval holds out the test split: nothing may be selected on it (probe strength, epoch), it is only scored.
+    val_loader, test_loader = (None, held_out) if config.data.trainval else (held_out, None)
+    num_val = 0 if config.data.trainval else len(val_samples)
+    return PreparedRun(config, task_path, name, splits.classes, splits.source, len(train_samples), num_val,
+                       skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader,
+                       test_loader=test_loader,
+                       class_counts=class_counts(train_samples, len(splits.classes)),
+                       shot_files=_relative(train_samples, data_root) if config.data.shots is not None else None)
+
+
+def _relative(samples: list[Sample], data_root: Path) -> list[str]:
+    """Sample paths relative to DATA (to a list file's folder), so the record travels with the data."""
+    base = data_root if data_root.is_dir() else data_root.parent
+    return [os.path.relpath(sample.path, base) for sample in samples]
+
+
+def resolved_args(config: RunConfig, backbone: Backbone, workers: int) -> RunConfig:
+    """`config` with every value concrete (no null, no 'auto') and absolute paths: args.yaml,
+    reusable with --config from any folder."""
+    resolved = copy.deepcopy(config)
+    resolved.data.path = str(Path(config.data.path).resolve())
+    resolved.backbone.weights = backbone.weights
+    resolved.backbone.img_size = backbone.img_size
+    resolved.data.workers = workers
+    resolved.prompt.dropout = config.prompt.resolved_dropout
+    resolved.train.lr = config.train.resolved_lr()
+    resolved.train.head_lr = config.train.resolved_head_lr()
+    resolved.train.warmup_epochs = config.train.resolved_warmup()
+    return resolved
+
+

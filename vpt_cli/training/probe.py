@@ -1,0 +1,97 @@
+"""The linear probe: pooled features once, then an L2-regularised logistic regression (L-BFGS).
+
+It is both a baseline (`--method linear`) and the head every prompt run starts from
+("LP then tune", README "Defaults").
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.runtime import distributed
+from vpt_cli.runtime.device import autocast
+from vpt_cli.runtime.reporting import Reporter
+
+PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: ties keep the smaller head
+
+
+@torch.no_grad()  # not inference_mode: the probe fit needs autograd on these features
+def extract_features(model: PromptedViT, loader: Iterable, device: torch.device, amp: bool,
+                     reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of the (prompted) backbone and labels for every batch, in fp32 on CPU; from
+    every process in dataset order when the loader is sharded (so each fits the same probe)."""
+    model.eval()
+    features, labels, indices = [], [], []
+    reporter.start("features", len(loader))
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets, index = batch
+        with autocast(device, amp):
+            features.append(model.forward_features(images.to(device)).float().cpu())
+        labels.append(targets)
+        indices.append(index)
+        reporter.advance(len(targets))
+    reporter.finish()
+    if not features:  # nothing readable here (another process may have some)
+        features, labels, indices = [torch.empty(0, model.head.in_features)], [torch.empty(0, dtype=torch.long)], [
+            torch.empty(0, dtype=torch.long)]
+    all_features, all_labels = distributed.gather_rows(torch.cat(indices), torch.cat(features), torch.cat(labels))
+    return all_features, all_labels
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    weight_decay: float, steps: int = 100, balance: ClassBalance = ClassBalance()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution,
+    under the run's class balance (vpt_cli.objectives.balance)."""
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = balance.probe_loss(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
+                    device: torch.device, amp: bool, reporter: Reporter, balance: ClassBalance = ClassBalance()) -> float | None:
+    """Set the head to the best linear probe on the model's initial features (LP-then-tune).
+
+    The probe's L2 strength is picked on the val split when there is one. Training then starts
+    at the probe's accuracy instead of chance, which is what lets prompts beat the probe on
+    small folders (see README, "Defaults"). When balancing classes, the strength is picked by
+    balanced accuracy, which is what balancing is for. Returns the probe's val score.
+    """
+    train_x, train_y = extract_features(model, train_loader, device, amp, reporter)
+    val_x, val_y = extract_features(model, val_loader, device, amp, reporter) if val_loader else (None, None)
+    num_classes = model.head.out_features
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn.
+    for decay in PROBE_WEIGHT_DECAYS if val_x is not None and len(val_x) else (1e-3,):
+        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay, balance=balance)
+        score = (_score((val_x @ weight.T + bias).argmax(1), val_y, balanced=balance.mode != "none")
+                 if val_x is not None and len(val_x) else 0.0)
+        if best is None or score > best[0]:
+            best = (score, weight, bias)
+    assert best is not None
+    with torch.no_grad():
+        model.head.weight.copy_(best[1])
+        model.head.bias.copy_(best[2])
+    reporter.log(f"linear probe head: val acc {best[0]:.4f}")
+    return best[0] if val_x is not None and len(val_x) else None
+
+
+def _score(predicted: torch.Tensor, labels: torch.Tensor, balanced: bool) -> float:
+    """Accuracy, or the mean per-class recall over the classes present."""
+    hits = (predicted == labels).float()
+    if not balanced:
+        return hits.mean().item()
+    return torch.stack([hits[labels == c].mean() for c in labels.unique()]).mean().item()
