@@ -29,6 +29,18 @@ def test_an_upward_import_would_be_caught(tmp_path):
     green result above means something."""
     config = tmp_path / "inverted.toml"
     config.write_text('[tool.importlinter]\nroot_package = "vpt_cli"\n\n[[tool.importlinter.contracts]]\n'
-                      'name = "inverted"\ntype = "layers"\nlayers = ["vpt_cli.api", "vpt_cli.cli.app"]\n')
+                      'name = "inverted"\ntype = "layers"\nlayers = ["vpt_cli.api", "vpt_cli.cli.train"]\n')
     result = lint_imports(config)
-    assert result.returncode != 0 and "vpt_cli.cli.app -> vpt_cli.api" in result.stdout
+    assert result.returncode != 0 and "vpt_cli.cli.train -> vpt_cli.api" in result.stdout
+
+
+def test_type_checking_imports_count(tmp_path):
+    """`cli.render` imports the api's result types only under TYPE_CHECKING; the project's
+    settings count such imports, so inverting those two layers is caught too."""
+    config = tmp_path / "inverted.toml"
+    config.write_text('[tool.importlinter]\nroot_package = "vpt_cli"\nexclude_type_checking_imports = false\n\n'
+                      '[[tool.importlinter.contracts]]\nname = "inverted"\ntype = "layers"\n'
+                      'layers = ["vpt_cli.api", "vpt_cli.cli.render"]\n')
+    result = lint_imports(config)
+    assert result.returncode != 0 and "vpt_cli.cli.render -> vpt_cli.api" in result.stdout
+    assert "exclude_type_checking_imports = false" in (ROOT / "pyproject.toml").read_text()

@@ -79,7 +79,7 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             raise TrainingInterrupted(f"interrupted before training started: {what}",
                                       exit_code=getattr(exc, "exit_code", 130)) from None
         model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
-        if config.prompt.method == "linear":
+        if not config.prompt.info.trains_in_epochs:  # the linear probe: its fit is the whole run
             model.to(run.device)
             probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter,
                                         run.balance)

@@ -26,6 +26,7 @@ from vpt_cli.artifact.home import NAME_PATTERN
 from vpt_cli.config import METHODS, POOLS, PROMPT_INITS, PromptConfig
 from vpt_cli.core.errors import TaskError, one_line
 from vpt_cli.core.fileio import write_bytes
+from vpt_cli.methods import get_method
 
 if TYPE_CHECKING:
     import torch
@@ -245,7 +246,7 @@ def _check_prompt(prompt: Any) -> None:
     allowed = set(PromptConfig.__dataclass_fields__)
     _require(set(prompt) <= allowed, f"prompt has unknown keys {sorted(set(prompt) - allowed)[:3]}")
     _require(prompt.get("method") in METHODS, f"prompt.method must be one of {', '.join(METHODS)}")
-    if prompt["method"].startswith("vpt"):
+    if get_method(prompt["method"]).prompts:
         _int_in("prompt.num_prompts", prompt.get("num_prompts"), 1, _MAX_PROMPTS)
     elif prompt.get("num_prompts") is not None:
         _int_in("prompt.num_prompts", prompt["num_prompts"], 0, _MAX_PROMPTS)
@@ -303,9 +304,10 @@ def _check_metrics(metrics: Any) -> None:
 def _check_tensor_entries(info: TaskInfo, entries: dict[str, Any]) -> None:
     """Tensor names, dtypes and shapes from the header, against what the metadata promises."""
     method = info.prompt["method"]
+    trains = get_method(method)
     allowed = {"prompts", "prompt_proj.weight", "prompt_proj.bias", "head.weight", "head.bias"}
     for name, entry in entries.items():
-        _require(name in allowed or bool(_LAYER_PROMPTS.match(name)) or (method == "full" and name.startswith("backbone.")),
+        _require(name in allowed or bool(_LAYER_PROMPTS.match(name)) or (trains.trains_backbone and name.startswith("backbone.")),
                  f"unexpected tensor {name[:60]!r} for a {method} task")
         _require(isinstance(entry, dict) and entry.get("dtype") in _TENSOR_DTYPES,
                  f"tensor {name[:60]} must be a float tensor ({', '.join(_TENSOR_DTYPES)})")
@@ -316,15 +318,15 @@ def _check_tensor_entries(info: TaskInfo, entries: dict[str, Any]) -> None:
     _require(shape.get("head.bias") == [classes], f"head.bias must have one entry per class ({classes})")
     count = info.prompt.get("num_prompts")
     per_layer = sorted((int(name.split(".")[1]), shape[name]) for name in shape if _LAYER_PROMPTS.match(name))
-    if method.startswith("vpt") and per_layer:  # backbones whose width changes by stage (Swin)
+    if trains.prompts and per_layer:  # backbones whose width changes by stage (Swin)
         _require("prompts" not in shape and [layer for layer, _ in per_layer] == list(range(len(per_layer)))
                  and all(isinstance(s, list) and len(s) == 2 and s[0] == count for _, s in per_layer)
-                 and (method == "vpt-deep" or len(per_layer) == 1),
+                 and (trains.deep or len(per_layer) == 1),
                  f"prompts.0, prompts.1, ... must each have shape ({count}, width) for {method}")
-    elif method.startswith("vpt"):
+    elif trains.prompts:
         prompts = shape.get("prompts")
         _require(isinstance(prompts, list) and len(prompts) == 3 and prompts[1] == count
-                 and prompts[0] >= 1 and (method == "vpt-deep" or prompts[0] == 1),
+                 and prompts[0] >= 1 and (trains.deep or prompts[0] == 1),
                  f"prompts must have shape (layers, {count}, width) for {method}")
     else:
         _require("prompts" not in shape and not per_layer, f"a {method} task holds no prompts")

@@ -21,6 +21,7 @@ from vpt_cli.config import (
     RunConfig,
     SweepConfig,
 )
+from vpt_cli.methods import get_method
 
 
 def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -232,3 +233,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
+
+
+def _method_help() -> tuple[str, str]:
+    """--method's help and --prompt-dropout's shown default, read from the method registry."""
+    infos = [get_method(name) for name in METHODS]
+    methods = "; ".join(f"{info.name}: {info.summary}" for info in infos)
+    dropouts = ", ".join(f"{info.default_dropout:g} {info.name}" for info in infos if info.prompts)
+    return methods + ".", dropouts
+
+
+METHOD_HELP, DROPOUT_DEFAULTS = _method_help()

@@ -5,13 +5,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from vpt_cli.artifact.registry import TaskEntry
 from vpt_cli.artifact.schema import TaskInfo
 from vpt_cli.core.safetext import safe
-from vpt_cli.training.sweep import SweepReporter
 
 if TYPE_CHECKING:  # result types only: `vpt tasks` renders without importing torch
     from vpt_cli.api import EvalResult, PredictResult
@@ -99,30 +97,6 @@ def sweep_table(trials: list[Trial], title: str = "sweep") -> Table:
                       _pct(t.val_top1), f"{t.val_loss:.3f}" if t.val_loss is not None else "-", f"{t.seconds:.0f}s",
                       t.status, style=style)
     return table
-
-
-class LiveSweepTable(SweepReporter):
-    """The sweep table redrawn in place on stderr as trials advance (plain lines when quiet)."""
-
-    def __init__(self, console: Console, quiet: bool = False):
-        self.console, self.quiet = console, quiet
-        self.live = Live(console=console, auto_refresh=False, transient=False)
-
-    def __enter__(self) -> "LiveSweepTable":
-        if not self.quiet:
-            self.live.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.live.stop()
-
-    def trials_changed(self, trials: list[Trial]) -> None:
-        if not self.quiet:
-            self.live.update(sweep_table(trials), refresh=True)
-
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(f"[dim]{safe(message)}[/]", highlight=False)
 
 
 def render_sweep(console: Console, result: SweepResult) -> None:

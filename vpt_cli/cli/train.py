@@ -21,6 +21,8 @@ from vpt_cli.cli.common import (
 from vpt_cli.cli.options import (
     DEFAULT_POOL,
     DEFAULTS,
+    DROPOUT_DEFAULTS,
+    METHOD_HELP,
     SWEEP_DEFAULTS,
     Augment,
     BackboneArgOpt,
@@ -58,7 +60,6 @@ from vpt_cli.config import (
     ADAMW_HEAD_LR,
     ADAMW_PROMPT_LR,
     AUTO_PROMPT_FRACTION,
-    DEEP_PROMPT_DROPOUT,
     MIN_VAL_PER_CLASS_TO_SELECT,
     SGD_BASE_LR,
     TOKEN_INIT_IMAGES,
@@ -108,9 +109,9 @@ def train(
     shots: ShotsOpt = None,
     balance: BalanceOpt = None,
     tau: TauOpt = None,
-    method: Annotated[Optional[Method], typer.Option(help="vpt-deep: prompts at every layer; vpt-shallow: first layer only; linear: head only; full: fine-tune everything. " + shown_default(DEFAULTS.prompt.method))] = None,
+    method: Annotated[Optional[Method], typer.Option(help=METHOD_HELP + " " + shown_default(DEFAULTS.prompt.method))] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help=f"Prompt tokens per layer. {shown_default(f'auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px')}")] = None,
-    prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {shown_default(f'{DEEP_PROMPT_DROPOUT} deep, 0.0 shallow')}")] = None,
+    prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {shown_default(DROPOUT_DEFAULTS)}")] = None,
     prompt_init: Annotated[Optional[PromptInit], typer.Option(help=f"How prompts start: tokens (patch tokens the frozen backbone sees at each layer, from {TOKEN_INIT_IMAGES} training images) or uniform (the paper's random init). {shown_default(DEFAULTS.prompt.init)}")] = None,
     pool: Annotated[Optional[Pool], typer.Option(help=f"How the last layer becomes features: token (the CLS output), avg (the mean of every token after the prefix, prompts included, then fc_norm; MAE and MoCo v3 in the paper), avg-patches or avg-prompts (the mean of those only). {shown_default(DEFAULT_POOL)}")] = None,
     epochs: EpochsOpt = None,
@@ -232,7 +233,8 @@ def sweep(
 
     def action() -> None:
         from vpt_cli import api
-        from vpt_cli.cli.render import LiveSweepTable, render_sweep
+        from vpt_cli.cli.live_sweep import LiveSweepTable
+        from vpt_cli.cli.render import render_sweep
         from vpt_cli.config import load_config
 
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,

@@ -14,9 +14,10 @@ from typing import Any
 import yaml
 
 from vpt_cli.core.errors import UsageError
+from vpt_cli.methods import MethodInfo, get_method, method_names
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
-METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
+METHODS = method_names()  # vpt_cli.methods: one registered MethodInfo each
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "flip", "crop")
 AUTO_PROMPT_FRACTION = 0.05  # of the patch tokens: the paper's 10 prompts at 224 px / 196 patches
@@ -40,7 +41,6 @@ MIN_VAL_PER_CLASS_TO_SELECT = 20
 ADAMW_PROMPT_LR = 1e-2
 ADAMW_HEAD_LR = 3e-3
 SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
-DEEP_PROMPT_DROPOUT = 0.1  # this project's choice; the reference code uses 0.0
 
 
 @dataclass
@@ -59,19 +59,24 @@ class PromptConfig:
 
     method: str = "vpt-deep"
     num_prompts: int | None = None  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
-    dropout: float | None = None  # None = DEEP_PROMPT_DROPOUT for vpt-deep, 0.0 otherwise
+    dropout: float | None = None  # None = the method's default (0.1 for vpt-deep, 0.0 otherwise)
     proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
     init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
     pool: str | None = None  # None = the backbone's own (avg for MAE tags) | token | avg | avg-patches | avg-prompts
 
     @property
+    def info(self) -> MethodInfo:
+        """The method's registered record (vpt_cli.methods)."""
+        return get_method(self.method)
+
+    @property
     def deep(self) -> bool:
-        return self.method == "vpt-deep"
+        return self.info.deep
 
     @property
     def length(self) -> int:
         """Prompt tokens actually inserted (baselines insert none)."""
-        if self.method not in ("vpt-deep", "vpt-shallow"):
+        if not self.info.prompts:
             return 0
         if self.num_prompts is None:
             raise UsageError("prompt.num_prompts is 'auto' until resolve_prompts() has seen the backbone")
@@ -92,7 +97,7 @@ class PromptConfig:
     def resolved_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
-        return DEEP_PROMPT_DROPOUT if self.deep else 0.0
+        return self.info.default_dropout
 
 
 def auto_num_prompts(num_patches: int) -> int:
@@ -183,13 +188,14 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Raise UsageError on values no run can use; return self for chaining."""
         _check_choice("prompt.method", self.prompt.method, METHODS)
+        method = get_method(self.prompt.method)
         _check_choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
         _check_choice("data.augment", self.data.augment, AUGMENTS)
         _check_choice("train.head_init", self.train.head_init, HEAD_INITS)
         _check_choice("prompt.init", self.prompt.init, PROMPT_INITS)
         if self.prompt.pool is not None:
             _check_choice("prompt.pool", self.prompt.pool, POOLS)
-        if self.prompt.pool == "avg-prompts" and not self.prompt.method.startswith("vpt"):
+        if self.prompt.pool == "avg-prompts" and not method.prompts:
             raise UsageError(f"--pool avg-prompts averages prompt outputs, which --method {self.prompt.method} "
                              "has none of")
         if self.prompt.init == "tokens" and self.prompt.proj_dim:
@@ -200,8 +206,7 @@ class RunConfig:
         _check_choice("train.balance", self.train.balance, BALANCES)
         if not 0.0 <= self.train.tau <= 10.0:
             raise UsageError("--tau must be in [0, 10]")
-        if (self.prompt.method.startswith("vpt") and self.prompt.num_prompts is not None
-                and self.prompt.num_prompts < 1):
+        if method.prompts and self.prompt.num_prompts is not None and self.prompt.num_prompts < 1:
             raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
         if not 0.0 <= self.prompt.resolved_dropout < 1.0:
             raise UsageError("prompt dropout must be in [0, 1)")

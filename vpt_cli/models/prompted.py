@@ -185,7 +185,7 @@ class PromptedViT(nn.Module):
         _check_pool(prompt.pool, self.num_prompts, backbone)
         self.pool = prompt.pool
         self.head = nn.Linear(self.adapter.num_features, num_classes)
-        self.train_backbone = prompt.method == "full"
+        self.train_backbone = prompt.info.trains_backbone
         backbone.requires_grad_(self.train_backbone)
         backbone.train(False)
 

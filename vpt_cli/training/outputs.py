@@ -64,10 +64,6 @@ class TrainResult:
 
 
 
-STORED_TENSORS = {"vpt-deep": "prompts + head", "vpt-shallow": "prompts + head", "linear": "head",
-                  "full": "every backbone weight (fine-tuned) + head"}
-
-
 
 def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, provenance: dict[str, Any],
               test_report: EvalReport | None = None) -> TaskInfo:
@@ -80,7 +76,7 @@ def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, pr
         metrics={**_summary(report, "val"), **_summary(test_report, "test")},
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
-            "num_val": run.num_val, "seed": config.train.seed, "stores": STORED_TENSORS[config.prompt.method],
+            "num_val": run.num_val, "seed": config.train.seed, "stores": config.prompt.info.stores,
             "class_counts": run.class_counts,
             **({"shots": {"k": config.data.shots, "files": run.shot_files}} if run.shot_files is not None else {}),
             "config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

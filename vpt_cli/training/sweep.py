@@ -160,7 +160,7 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
               reporter: SweepReporter | None = None, folder: RunFolder | None = None) -> SweepResult:
     """Run the plan with successive halving and save the winner as the task (see module doc)."""
     reporter = reporter or SweepReporter()
-    if not config.prompt.method.startswith("vpt"):
+    if not config.prompt.info.prompts:
         raise UsageError(f"vpt sweep tunes prompt training; --method {config.prompt.method} has nothing to sweep "
                          "(linear picks its own L2 strength on val)")
     if config.data.trainval:

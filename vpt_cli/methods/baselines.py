@@ -1,0 +1,9 @@
+"""The paper's two baselines: a linear probe on frozen features, and a full fine-tune."""
+from vpt_cli.methods.base import MethodInfo, register
+
+LINEAR = register(MethodInfo(
+    name="linear", summary="head only, fitted on frozen features (the linear probe)", prompts=False,
+    trains_in_epochs=False, stores="head"))
+FULL = register(MethodInfo(
+    name="full", summary="fine-tune every backbone weight and the head", prompts=False, trains_backbone=True,
+    stores="every backbone weight (fine-tuned) + head"))
