@@ -82,8 +82,9 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
         if not config.prompt.info.trains_in_epochs:  # the linear probe: its fit is the whole run
             model.to(run.device)
             probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter,
-                                        run.balance)
-            report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val")
+                                        run.objective)
+            report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val",
+                                     objective=run.objective)
                       if run.val_loader else None)
             result = FitResult([], 0, report, False, 0.0, probe_acc)
         else:
@@ -92,11 +93,12 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             try:
                 result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
                              run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
-                             balance=run.balance, on_epoch=writer)
+                             objective=run.objective, on_epoch=writer)
             finally:
                 if writer is not None:
                     writer.close()
-        test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test")
+        test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test",
+                               objective=run.objective)
                 if run.test_loader else None)
         return save_trained(run, model, config, result, started, test_report=test)
 
@@ -179,13 +181,15 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
                            partial(load_image, target=size))  # one pass: draft decoding, no cache
     loader = make_loader(dataset, batch_size, False, workers, 0, shard=distributed.shard())
     found: list[tuple[int, SamplePrediction]] = []
+    objective = loaded.task.info.new_objective()
 
     def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        confidence, predicted = logits.softmax(1).max(1)
+        confidence, predicted = objective.scores(logits).max(1)
         found.extend((i, SamplePrediction(str(good[i].path), classes[t], classes[p], c))
                      for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
 
-    report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep)
+    report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep,
+                            objective=objective)
     answers = [answer for _, answer in sorted(distributed.gather_lists(found), key=lambda pair: pair[0])]
     counts = loaded.task.info.provenance.get("class_counts")
     if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):

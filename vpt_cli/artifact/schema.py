@@ -27,6 +27,7 @@ from vpt_cli.config import METHODS, POOLS, PROMPT_INITS, PromptConfig
 from vpt_cli.core.errors import TaskError, one_line
 from vpt_cli.core.fileio import write_bytes
 from vpt_cli.methods import get_method
+from vpt_cli.objectives import Objective, SingleLabel, objective_class, objective_names
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,11 @@ class TaskInfo:
     metrics: dict[str, Any] = field(default_factory=dict)  # validation metrics of the kept epoch
     provenance: dict[str, Any] = field(default_factory=dict)  # data, split, seed, config, versions
     format_version: int = FORMAT_VERSION
+    objective: str = SingleLabel.name  # the task type (vpt_cli.objectives); files from before it are single-label
+
+    def new_objective(self) -> Objective:
+        """The task type this task answers with (inference needs no class balance: it shapes training only)."""
+        return objective_class(self.objective)()
 
 
 @dataclass
@@ -214,6 +220,7 @@ def _check_info(raw: Any) -> TaskInfo:
                                                "backbone_weights must be a path or null"),
         "metrics": _check_metrics,
         "provenance": lambda v: _require(isinstance(v, dict), "provenance must be an object"),
+        "objective": lambda v: _require(v in objective_names(), f"objective must be one of {', '.join(objective_names())}"),
     }
     for name, check in checks.items():
         if name in raw:

@@ -23,6 +23,7 @@ from vpt_cli.core.errors import TaskError, UsageError
 from vpt_cli.data import build_transform
 from vpt_cli.models.backbones import Backbone
 from vpt_cli.models.multitask import MultiTaskViT
+from vpt_cli.objectives import Objective
 from vpt_cli.runtime.device import autocast
 from vpt_cli.serving.loading import load_for_inference, task_model
 
@@ -46,6 +47,11 @@ class TaskServer:
     device: torch.device
     transform: Callable[[Image.Image], torch.Tensor]
 
+    @property
+    def objectives(self) -> list[Objective]:
+        """Each loaded task's task type, in load order: it turns that task's logits into answers."""
+        return [info.new_objective() for info in self.infos]
+
     def index(self, task: str) -> int:
         try:
             return self.names.index(task)
@@ -65,16 +71,10 @@ class TaskServer:
             return self.model(images.to(self.device), task_index.to(self.device)).float()
 
     def top_k(self, logits: torch.Tensor, task_index: torch.Tensor, k: int) -> list[TopK]:
-        """Each row's `k` best classes of its own task (fewer when the task has fewer classes)."""
-        probs = logits.softmax(1).cpu()
-        index = task_index.cpu()
-        values, classes = probs.topk(min(k, probs.shape[1]), dim=1)
-        answers = []
-        for row, task in enumerate(index.tolist()):
-            names = self.infos[task].classes
-            count = min(k, len(names))
-            answers.append([(names[c], float(v)) for v, c in zip(values[row, :count].tolist(), classes[row, :count].tolist())])
-        return answers
+        """Each row's answer under its own task's objective: the `k` best classes of that task."""
+        logits = logits.cpu()
+        return [self.objectives[task].answer(logits[row], self.infos[task].classes, k)
+                for row, task in enumerate(task_index.cpu().tolist())]
 
     def predict(self, images: torch.Tensor | Sequence[Image.Image], tasks: str | Sequence[str], top_k: int = 5,
                 amp: bool = False) -> list[TopK]:

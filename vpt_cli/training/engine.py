@@ -12,14 +12,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.core.errors import TrainingInterrupted
 from vpt_cli.evaluation.metrics import EvalReport, MetricAccumulator
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives import Objective, SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import amp_dtype, autocast, rng_state, set_rng_state
 from vpt_cli.runtime.reporting import EpochStats, Reporter
@@ -93,7 +92,8 @@ BatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: torch.device, amp: bool,
-             reporter: Reporter, description: str = "eval", on_batch: BatchObserver | None = None) -> EvalReport:
+             reporter: Reporter, description: str = "eval", on_batch: BatchObserver | None = None,
+             objective: Objective = SingleLabel()) -> EvalReport:
     """Metrics of `model` over `loader` (streamed: logits are not all kept in memory; `on_batch`
     sees each batch's outputs when a caller wants per-image answers)."""
     model.eval()
@@ -106,7 +106,7 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: tor
         with autocast(device, amp):
             logits = model(images.to(device)).float()
         labels = labels.to(device)
-        accumulator.update(logits.cpu(), labels.cpu(), F.cross_entropy(logits, labels, reduction="sum").item())
+        accumulator.update(logits.cpu(), labels.cpu(), objective.eval_loss_sum(logits, labels))
         if on_batch is not None:
             on_batch(indices, logits.cpu(), labels.cpu())
         reporter.advance(len(labels))
@@ -119,8 +119,8 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: tor
 def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, amp: bool,
                     scaler: torch.amp.GradScaler, reporter: Reporter, description: str,
-                    balance: ClassBalance = ClassBalance()) -> tuple[float, float, float]:
-    """One pass over `loader` under the run's class balance; returns (mean loss, accuracy, images
+                    objective: Objective = SingleLabel()) -> tuple[float, float, float]:
+    """One pass over `loader` under the run's objective; returns (mean loss, accuracy, images
     per second), over all processes when `model` is data-parallel (each then steps on its share
     of every global batch)."""
     model.train()
@@ -136,15 +136,15 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
         images, labels = images.to(device), labels.to(device)
         with autocast(device, amp):
             logits = model(images)
-            summed = balance.loss(logits.float(), labels, reduction="sum")
-        loss = summed / distributed.step_divisor(balance.batch_weight(labels))
+            summed = objective.loss(logits.float(), labels, reduction="sum")
+        loss = summed / distributed.step_divisor(objective.batch_weight(labels))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         loss_sum += summed.item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        correct += objective.correct(logits, labels)
         seen += len(labels)
         reporter.advance(len(labels))
     reporter.finish()
@@ -178,9 +178,9 @@ class TrainingRun:
 
     def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
                  config: TrainConfig, device: torch.device, reporter: Reporter, settings: dict[str, Any] | None = None,
-                 balance: ClassBalance = ClassBalance()):
+                 objective: Objective = SingleLabel()):
         self.model, self.train_loader, self.val_loader = model.to(device), train_loader, val_loader
-        self.balance = balance
+        self.objective = objective
         self.classes, self.config, self.device, self.reporter = classes, config, device, reporter
         self.optimizer = build_optimizer(model, config)
         steps_per_epoch = max(1, len(train_loader))
@@ -211,12 +211,19 @@ class TrainingRun:
                 self.model.init_prompts_from_tokens(images)
             if self.config.head_init == "probe":
                 self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
-                                                              self.config.amp, self.reporter, self.balance)
+                                                              self.config.amp, self.reporter, self.objective)
         distributed.share_trained(self.model.task_state_dict())
         self.best_state = self._snapshot()
-        if self.val_loader:
-            start = evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val")
-            self.state["best_key"] = [start.top1, -(start.loss or 0.0)]
+        start = self._score_val()
+        if start is not None:
+            self.state["best_key"] = list(self.objective.selection_key(start))
+
+    def _score_val(self) -> EvalReport | None:
+        """The model's val report under the run's objective (None without a val split)."""
+        if not self.val_loader:
+            return None
+        return evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val",
+                        objective=self.objective)
 
     def resume(self, checkpoint: Checkpoint) -> None:
         """Continue from `checkpoint` exactly where its epoch ended; it must have the same settings."""
@@ -252,10 +259,9 @@ class TrainingRun:
         self.trainer = self.trainer or distributed.wrap(self.model, self.device)
         loss, acc, speed = train_one_epoch(self.trainer, self.train_loader, self.optimizer, self.scheduler, self.device,
                                            config.amp, self.scaler, self.reporter, f"epoch {epoch}/{config.epochs}",
-                                           self.balance)
-        report = (evaluate(self.model, self.val_loader, self.classes, self.device, config.amp, self.reporter, "val")
-                  if self.val_loader else None)
-        key = (report.top1, -(report.loss or 0.0)) if report else (float(epoch), 0.0)
+                                           self.objective)
+        report = self._score_val()
+        key = self.objective.selection_key(report) if report else (float(epoch), 0.0)
         is_best = self.select_last or self.best_key is None or key > self.best_key
         if is_best:
             self.state.update(best_key=list(key), best_epoch=epoch, since_best=0)
@@ -284,8 +290,7 @@ class TrainingRun:
     def finish(self, stopped_early: bool) -> FitResult:
         """Load the best weights into the model and score them on val once more."""
         self.model.load_task_state_dict(self.best_state)
-        best_report = (evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter,
-                                "val") if self.val_loader else None)
+        best_report = self._score_val()
         start = self.state["probe_val_acc"]
         if self.select_last and best_report and start is not None and best_report.top1 < start - LAST_EPOCH_WARNING_GAP:
             self.reporter.log(f"warning: the last epoch scores {best_report.top1:.3f} on val, below the linear-probe "
@@ -298,7 +303,7 @@ class TrainingRun:
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
         config: TrainConfig, device: torch.device, checkpoint: Checkpoint, reporter: Reporter,
-        resume: bool = False, settings: dict[str, Any] | None = None, balance: ClassBalance = ClassBalance(),
+        resume: bool = False, settings: dict[str, Any] | None = None, objective: Objective = SingleLabel(),
         on_epoch: Callable[["TrainingRun"], None] | None = None) -> FitResult:
     """Train with best-on-val selection, early stopping and a checkpoint after every epoch.
 
@@ -307,7 +312,7 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
     checkpoint must come from the same `settings`. `on_epoch(run)` follows every saved epoch (the
     run folder's best/last task files and results).
     """
-    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings, balance)
+    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings, objective)
     try:
         if resume:
             run.resume(checkpoint)

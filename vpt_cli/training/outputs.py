@@ -70,6 +70,7 @@ def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, pr
     """What a task file made from this run says about itself (`test_report`: --trainval's test
     split, scored once and never selected on)."""
     return TaskInfo(
+        objective=run.objective.name,
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
         img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,

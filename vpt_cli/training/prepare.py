@@ -31,7 +31,7 @@ from vpt_cli.data import (
     validate_samples,
 )
 from vpt_cli.models.backbones import Backbone, check_weights_reachable, create_backbone
-from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives import ClassBalance, SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import pick_device, seed_everything
 from vpt_cli.runtime.reporting import Reporter
@@ -61,9 +61,10 @@ class PreparedRun:
     shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
 
     @property
-    def balance(self) -> ClassBalance:
+    def objective(self) -> SingleLabel:
+        """What the run optimises: one label per image under its class balance."""
         train = self.config.train
-        return ClassBalance(train.balance, tuple(self.class_counts), train.tau)
+        return SingleLabel(ClassBalance(train.balance, tuple(self.class_counts), train.tau))
 
 
 def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> PreparedRun:

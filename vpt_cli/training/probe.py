@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives import Objective, SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import autocast
 from vpt_cli.runtime.reporting import Reporter
@@ -44,16 +44,16 @@ def extract_features(model: PromptedViT, loader: Iterable, device: torch.device,
 
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    weight_decay: float, steps: int = 100, balance: ClassBalance = ClassBalance()) -> tuple[torch.Tensor, torch.Tensor]:
+                    weight_decay: float, steps: int = 100, objective: Objective = SingleLabel()) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution,
-    under the run's class balance (vpt_cli.objectives.balance)."""
+    under the run's objective (its class balance included)."""
     weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = balance.probe_loss(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss = objective.probe_loss(features @ weight.T + bias, labels) + 0.5 * weight_decay * weight.square().sum()
         loss.backward()
         return loss
 
@@ -62,7 +62,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
-                    device: torch.device, amp: bool, reporter: Reporter, balance: ClassBalance = ClassBalance()) -> float | None:
+                    device: torch.device, amp: bool, reporter: Reporter, objective: Objective = SingleLabel()) -> float | None:
     """Set the head to the best linear probe on the model's initial features (LP-then-tune).
 
     The probe's L2 strength is picked on the val split when there is one. Training then starts
@@ -76,8 +76,8 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn.
     for decay in PROBE_WEIGHT_DECAYS if val_x is not None and len(val_x) else (1e-3,):
-        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay, balance=balance)
-        score = (_score((val_x @ weight.T + bias).argmax(1), val_y, balanced=balance.mode != "none")
+        weight, bias = fit_linear_head(train_x, train_y, num_classes, decay, objective=objective)
+        score = (objective.probe_score(val_x @ weight.T + bias, val_y)
                  if val_x is not None and len(val_x) else 0.0)
         if best is None or score > best[0]:
             best = (score, weight, bias)
@@ -87,11 +87,3 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
         model.head.bias.copy_(best[2])
     reporter.log(f"linear probe head: val acc {best[0]:.4f}")
     return best[0] if val_x is not None and len(val_x) else None
-
-
-def _score(predicted: torch.Tensor, labels: torch.Tensor, balanced: bool) -> float:
-    """Accuracy, or the mean per-class recall over the classes present."""
-    hits = (predicted == labels).float()
-    if not balanced:
-        return hits.mean().item()
-    return torch.stack([hits[labels == c].mean() for c in labels.unique()]).mean().item()

@@ -192,7 +192,7 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, repor
             trial_cfg = trial_config(config, trial)
             model = PromptedViT(prepared.backbone.model, len(prepared.classes), trial_cfg.prompt)
             run = TrainingRun(model, prepared.train_loader, prepared.val_loader, prepared.classes, trial_cfg.train,
-                              prepared.device, quiet, balance=prepared.balance)
+                              prepared.device, quiet, objective=prepared.objective)
             run.start(prepared.probe_loader, starts.get(trial.num_prompts))
             starts.setdefault(trial.num_prompts, (run.best_state, run.state["probe_val_acc"]))
             runs[trial.index] = run
