@@ -2,6 +2,8 @@
 config and the task file follow its answers (a row per method; a new method adds one)."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -11,12 +13,15 @@ from vpt_cli.config import METHODS, PromptConfig, RunConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.methods import MethodInfo, get_method, method_names, register
 from vpt_cli.models.backbones import create_backbone
+from vpt_cli.models.folding import fold_task_state
 from vpt_cli.models.prompted import PromptedViT
 
 # (method, prompts?, deep?, trains the backbone?, trained in epochs?)
 MATRIX = [
     ("vpt-deep", True, True, False, True),
     ("vpt-shallow", True, False, False, True),
+    ("vfpt", True, True, False, True),
+    ("vfpt-shallow", True, False, False, True),
     ("linear", False, False, False, False),
     ("full", False, False, True, True),
 ]
@@ -44,14 +49,14 @@ def test_the_model_follows_the_method(backbone, tmp_path, name, prompts, deep, t
     assert any(p.requires_grad for p in model.backbone.parameters()) is trains_backbone
     groups = model.parameter_groups()
     assert bool(groups["prompts"]) is prompts and bool(groups["backbone"]) is trains_backbone
-    # the task file's tensor layout check agrees with what the model stores
-    state = model.task_state_dict()
+    # the task file's tensor layout check agrees with what the model stores (prompts folded, vfpt)
+    state, stored = fold_task_state(model.task_state_dict(), PromptConfig(method=name, num_prompts=2))
     assert any(key.startswith("backbone.") for key in state) is trains_backbone
     task = Task(TaskInfo(name="t", backbone=backbone.name, backbone_fingerprint="0" * 32, img_size=32,
                          data_config=dict(backbone.data_config, input_size=list(backbone.data_config["input_size"]),
                                           mean=list(backbone.data_config["mean"]),
                                           std=list(backbone.data_config["std"])),
-                         prompt={"method": name, "num_prompts": 2 if prompts else 0}, classes=["a", "b", "c"]),
+                         prompt=asdict(stored), classes=["a", "b", "c"]),
                 state)
     loaded = load_task(save_task(task, tmp_path / "t.safetensors"))
     assert set(loaded.tensors) == set(state)
@@ -69,7 +74,7 @@ def test_the_config_follows_the_method(name, prompts, deep, trains_backbone, in_
 
 
 def test_an_unknown_method_is_one_line_naming_the_choices():
-    with pytest.raises(UsageError, match="vpt-deep, vpt-shallow, linear, full") as caught:
+    with pytest.raises(UsageError, match="vpt-deep, vpt-shallow, vfpt, vfpt-shallow, linear, full") as caught:
         get_method("lora")
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match="lora"):

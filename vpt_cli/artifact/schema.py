@@ -42,6 +42,7 @@ _MAX_PROMPTS = 1024
 _MAX_PARAMS = 3.5e8  # ~ViT-L: backbone_kwargs in a task file cannot make us build a bigger model
 _BACKBONE_NAME = re.compile(r"^[a-z0-9_]{1,100}(\.[A-Za-z0-9_-]{1,60})?$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LAYER_PROMPTS = re.compile(r"^prompts\.[0-9]{1,3}$")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
 _CROP_MODES = ("center", "squash", "border")
@@ -253,7 +254,8 @@ def _check_prompt(prompt: Any) -> None:
     allowed = set(PromptConfig.__dataclass_fields__)
     _require(set(prompt) <= allowed, f"prompt has unknown keys {sorted(set(prompt) - allowed)[:3]}")
     _require(prompt.get("method") in METHODS, f"prompt.method must be one of {', '.join(METHODS)}")
-    if get_method(prompt["method"]).prompts:
+    method = get_method(prompt["method"])
+    if method.prompts:
         _int_in("prompt.num_prompts", prompt.get("num_prompts"), 1, _MAX_PROMPTS)
     elif prompt.get("num_prompts") is not None:
         _int_in("prompt.num_prompts", prompt["num_prompts"], 0, _MAX_PROMPTS)
@@ -262,8 +264,16 @@ def _check_prompt(prompt: Any) -> None:
     _int_in("prompt.proj_dim", prompt.get("proj_dim", 0), 0, 4096)
     _require(prompt.get("init", "tokens") in PROMPT_INITS, f"prompt.init must be one of {', '.join(PROMPT_INITS)}")
     _require(prompt.get("pool") in (None, *POOLS), f"prompt.pool must be one of {', '.join(POOLS)} or null")
+    if method.transform is not None:  # the stored prompts are the transform's output (models/folding.py)
+        _float_in("prompt.fourier_fraction", prompt.get("fourier_fraction"), 0.0, 1.0)
+        _require(isinstance(prompt.get("folded_from"), str) and bool(_SHA256.match(prompt["folded_from"])),
+                 f"prompt.folded_from must be the sha256 of the raw prompts (a {method.name} task stores "
+                 "folded prompts)")
+    else:
+        _require(prompt.get("fourier_fraction") is None and prompt.get("folded_from") is None,
+                 f"prompt.fourier_fraction and prompt.folded_from are for Fourier prompts, not {method.name}")
     for key, value in prompt.items():  # fields added later: plain short values only
-        _require(value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 32),
+        _require(value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64),
                  f"prompt.{key} has an unusable value")
 
 

@@ -10,6 +10,7 @@ from rich.table import Table
 from vpt_cli.artifact.registry import TaskEntry
 from vpt_cli.artifact.schema import TaskInfo
 from vpt_cli.core.safetext import safe
+from vpt_cli.methods import get_method
 
 if TYPE_CHECKING:  # result types only: `vpt tasks` renders without importing torch
     from vpt_cli.api import EvalResult, PredictResult
@@ -124,7 +125,7 @@ def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> 
             continue
         top1 = info.metrics.get("val_top1")
         prompts = info.prompt.get("num_prompts")
-        method = info.prompt.get("method") + (f" ({prompts})" if info.prompt.get("method", "").startswith("vpt") else "")
+        method = info.prompt.get("method") + (f" ({prompts})" if get_method(info.prompt["method"]).prompts else "")
         table.add_row(safe(entry.name), method, safe(info.backbone), str(info.img_size), str(len(info.classes)),
                       f"{top1:.3f}" if top1 is not None else "-", size, safe(info.provenance.get("created", "-")))
     console.print(table)
@@ -134,7 +135,9 @@ def render_task_info(console: Console, path: Path, info: TaskInfo) -> None:
     prompt = info.prompt
     lines = [
         f"[bold]{safe(path.name.removesuffix('.safetensors'))}[/]  {safe(path)}",
-        f"  method         {prompt.get('method')}" + (f", {prompt.get('num_prompts')} prompts" if prompt.get("num_prompts") else ""),
+        f"  method         {prompt.get('method')}" + (f", {prompt.get('num_prompts')} prompts" if prompt.get("num_prompts") else "")
+        + (f", Fourier fraction {prompt['fourier_fraction']:g} (folded)"
+           if prompt.get("fourier_fraction") is not None else ""),
         f"  backbone       {safe(info.backbone)} at {info.img_size} px (fingerprint {info.backbone_fingerprint[:12]})",
         f"  classes        {len(info.classes)}: {safe(', '.join(info.classes[:20]))}{' ...' if len(info.classes) > 20 else ''}",
         f"  val metrics    {safe(', '.join(f'{k} {v:.4g}' for k, v in info.metrics.items() if v is not None)) or '-'}",

@@ -63,6 +63,13 @@ class PromptConfig:
     proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
     init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
     pool: str | None = None  # None = the backbone's own (avg for MAE tags) | token | avg | avg-patches | avg-prompts
+    fourier_fraction: float | None = field(default=None, metadata={
+        "flag": "--fourier-fraction",
+        "help": "vfpt: the share of each layer's prompts replaced by the real part of their 2-D FFT, "
+        "floor(share x prompts) of them (0 is vpt-deep exactly; docs/vfpt.md)."})
+    # Written by vpt into task files, never set by hand: the sha256 of the raw prompts whose
+    # transform (the method's, at fourier_fraction) the file stores. None: prompts as trained.
+    folded_from: str | None = None
 
     @property
     def info(self) -> MethodInfo:
@@ -92,6 +99,13 @@ class PromptConfig:
         the saved config (and the task file) records it: average pooling for MAE tags."""
         if self.pool is None and backbone_name.partition(".")[2] in AVG_POOLED_TAGS:
             self.pool = "avg"
+
+    @property
+    def resolved_fraction(self) -> float | None:
+        """The method's prompt-transform fraction (None: the method transforms nothing)."""
+        if self.info.transform is None:
+            return None
+        return self.fourier_fraction if self.fourier_fraction is not None else self.info.default_fraction
 
     @property
     def resolved_dropout(self) -> float:
@@ -208,6 +222,12 @@ class RunConfig:
             raise UsageError("--tau must be in [0, 10]")
         if method.prompts and self.prompt.num_prompts is not None and self.prompt.num_prompts < 1:
             raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
+        if self.prompt.fourier_fraction is not None and method.transform is None:
+            raise UsageError(f"--fourier-fraction applies to vfpt and vfpt-shallow, not --method {self.prompt.method}")
+        if self.prompt.fourier_fraction is not None and not 0.0 <= self.prompt.fourier_fraction <= 1.0:
+            raise UsageError("--fourier-fraction must be in [0, 1]")
+        if self.prompt.folded_from is not None:
+            raise UsageError("prompt.folded_from is written by vpt into task files; remove it from the config")
         if not 0.0 <= self.prompt.resolved_dropout < 1.0:
             raise UsageError("prompt dropout must be in [0, 1)")
         if not 0.0 <= self.data.val_split < 1.0:

@@ -7,8 +7,15 @@ train the backbone?) instead of comparing names, so a new method is one module t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from vpt_cli.core.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+# (one layer's stored prompts (N, D), the method's fraction) -> the prompts that layer sees.
+PromptTransform = Callable[["torch.Tensor", float], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -24,12 +31,21 @@ class MethodInfo:
         "help": "Trained by the epoch loop; False: the linear probe's fit on frozen features is the whole run."})
     stores: str = field(default="prompts + head", metadata={"help": "What its task file holds, in words."})
     default_dropout: float = field(default=0.0, metadata={"help": "Prompt dropout when --prompt-dropout is not given."})
+    transform: PromptTransform | None = field(default=None, metadata={
+        "help": "Turns each layer's stored prompts into what the layer sees; a constant once trained, so task "
+        "files store its output (folded) and inference runs the plain forward. None: prompts are used as stored."})
+    default_fraction: float | None = field(default=None, metadata={
+        "help": "The transform's share of each layer's prompts when --fourier-fraction is not given."})
 
     def __post_init__(self) -> None:
         if self.deep and not self.prompts:
             raise ValueError(f"method {self.name}: deep prompts need prompts")
         if not 0.0 <= self.default_dropout < 1.0:
             raise ValueError(f"method {self.name}: default_dropout must be in [0, 1)")
+        if (self.transform is not None) != (self.default_fraction is not None) or (self.transform and not self.prompts):
+            raise ValueError(f"method {self.name}: a prompt transform needs prompts and a default_fraction")
+        if self.default_fraction is not None and not 0.0 <= self.default_fraction <= 1.0:
+            raise ValueError(f"method {self.name}: default_fraction must be in [0, 1]")
 
     def prompt_layers(self, depth: int) -> int:
         """How many layers get their own prompts on a backbone `depth` layers deep."""

@@ -181,6 +181,9 @@ class PromptedViT(nn.Module):
                 self.prompt_proj = nn.Linear(prompt.proj_dim, width)
                 nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
             self.prompt_dropout = nn.Dropout(prompt.resolved_dropout)
+        # Raw prompts get the method's transform in every forward; a task file's are already folded.
+        self.transform = prompt.info.transform if self.num_prompts and prompt.folded_from is None else None
+        self.fraction = prompt.resolved_fraction
         self.prompt_init = prompt.init if self.num_prompts else None
         _check_pool(prompt.pool, self.num_prompts, backbone)
         self.pool = prompt.pool
@@ -210,10 +213,15 @@ class PromptedViT(nn.Module):
                 self.prompts[layer].copy_(picked)
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
-        """Projected prompts for `layer`, expanded per sample, then dropped out per sample."""
+        """The prompts `layer` sees: its stored ones, transformed by the method (vfpt's Fourier
+        prompts; nothing for folded prompts), projected, expanded per sample, then dropped out per
+        sample."""
         if not self.deep and layer > 0:
             return None
-        tokens = self.prompt_proj(self.prompts[layer])
+        prompts = self.prompts[layer]
+        if self.transform is not None:
+            prompts = self.transform(prompts, self.fraction)
+        tokens = self.prompt_proj(prompts)
         return self.prompt_dropout(tokens.expand(batch, -1, -1))
 
     def prompt_plan(self, batch: int) -> PromptPlan:

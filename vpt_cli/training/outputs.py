@@ -14,11 +14,12 @@ import torch
 
 from vpt_cli import __version__
 from vpt_cli.artifact.schema import Task, TaskInfo, save_task
-from vpt_cli.config import RunConfig
+from vpt_cli.config import PromptConfig, RunConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.core.fileio import write_text
 from vpt_cli.evaluation.metrics import EvalReport
 from vpt_cli.evaluation.plots import render_history_png
+from vpt_cli.models.folding import fold_task_state
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.reporting import EpochStats
@@ -65,14 +66,23 @@ class TrainResult:
 
 
 
-def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, provenance: dict[str, Any],
-              test_report: EvalReport | None = None) -> TaskInfo:
-    """What a task file made from this run says about itself (`test_report`: --trainval's test
-    split, scored once and never selected on)."""
+def task_file(run: PreparedRun, config: RunConfig, state: dict[str, torch.Tensor], report: EvalReport | None,
+              provenance: dict[str, Any], test_report: EvalReport | None = None) -> Task:
+    """The task file of a model's raw `state` from this run: the method's prompt transform folded
+    into the prompts it stores (vpt_cli.models.folding), and what it says about itself
+    (`test_report`: --trainval's test split, scored once and never selected on)."""
+    tensors, prompt = fold_task_state(state, config.prompt)
+    return Task(task_info(run, config, prompt, report, provenance, test_report), tensors)
+
+
+def task_info(run: PreparedRun, config: RunConfig, prompt: PromptConfig, report: EvalReport | None,
+              provenance: dict[str, Any], test_report: EvalReport | None = None) -> TaskInfo:
+    """What a task file made from this run says about itself; `prompt` is the stored prompts' own
+    settings (folded ones say so)."""
     return TaskInfo(
         objective=run.objective.name,
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
-        img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(config.prompt),
+        img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(prompt),
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
         metrics={**_summary(report, "val"), **_summary(test_report, "test")},
         provenance={
@@ -102,11 +112,12 @@ class EpochWriter:
     def __call__(self, training: TrainingRun) -> None:
         run, config, history = self.run, self.config, training.history
         last_report = history[-1]
-        save_task(Task(task_info(run, config, None, {"epoch": last_report.epoch, "kept": "last",
-                                                      "val_top1": last_report.val_acc}),
-                       training.model.task_state_dict()), run.run_dir / "last.safetensors", force=True)
-        save_task(Task(task_info(run, config, None, {"epoch": training.state["best_epoch"], "kept": "best"}),
-                       training.best_state), run.run_dir / "best.safetensors", force=True)
+        save_task(task_file(run, config, training.model.task_state_dict(), None,
+                            {"epoch": last_report.epoch, "kept": "last", "val_top1": last_report.val_acc}),
+                  run.run_dir / "last.safetensors", force=True)
+        save_task(task_file(run, config, training.best_state, None,
+                            {"epoch": training.state["best_epoch"], "kept": "best"}),
+                  run.run_dir / "best.safetensors", force=True)
         write_results(run.run_dir, history, training.state["probe_val_acc"], training.state["best_epoch"])
         if self.events is not None:
             for tag, field in TENSORBOARD_SCALARS.items():
@@ -156,11 +167,10 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
     results; `config` is the trained model's own (a sweep's winner differs from `run.config`)."""
     report, history = result.best_report, result.history
     skipped = run.skipped + [item for item in failures_while_loading(run) if item not in run.skipped]
-    info = task_info(run, config, report, {"skipped": len(skipped), "best_epoch": result.best_epoch,
-                                           "selection": result.selection, "epochs_run": len(history),
-                                           "run_dir": str(run.run_dir), **(extra_provenance or {})},
-                     test_report=test_report)
-    saved = Task(info=info, tensors=model.task_state_dict())
+    saved = task_file(run, config, model.task_state_dict(), report,
+                      {"skipped": len(skipped), "best_epoch": result.best_epoch, "selection": result.selection,
+                       "epochs_run": len(history), "run_dir": str(run.run_dir), **(extra_provenance or {})},
+                      test_report=test_report)
     if distributed.is_main():
         save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
         write_skipped(run.run_dir, skipped)
