@@ -127,11 +127,13 @@ def resume(task: str | None, given: dict[str, Any], folder: RunFolder | None = N
 
 def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None],
           eta: int = 3, budget: str | None = None, task: str | None = None, force: bool = False,
-          reporter: SweepReporter | None = None, folder: RunFolder | None = None) -> SweepResult:
-    """Search lr x weight decay (x prompt length) on the val split with successive halving and
-    keep the best trial as the task (vpt_cli.training.sweep)."""
+          reporter: SweepReporter | None = None, folder: RunFolder | None = None,
+          fourier_fractions: list[float | None] | None = None) -> SweepResult:
+    """Search lr x weight decay (x prompt length, x Fourier fraction for vfpt) on the val split
+    with successive halving and keep the best trial as the task (vpt_cli.training.sweep)."""
     distributed.refuse_under_torchrun("vpt sweep", "its trials run one after another on one device")
-    plan = plan_sweep(lrs, weight_decays, prompt_lengths, config.train.epochs, eta, budget)
+    plan = plan_sweep(lrs, weight_decays, prompt_lengths, config.train.epochs, eta, budget,
+                      fourier_fractions=fourier_fractions)
     return run_sweep(config, plan, task=task, force=force, reporter=reporter,
                      folder=folder or RunFolder(project="runs/sweep"))
 

@@ -32,8 +32,8 @@ from vpt_cli.training.outputs import TrainResult, save_trained
 from vpt_cli.training.prepare import prepare_run
 from vpt_cli.training.run_folder import ClaimedTask, RunFolder, claim_task
 
-CSV_FIELDS = ("index", "num_prompts", "lr", "weight_decay", "status", "epochs_run", "best_epoch", "val_top1",
-              "val_loss", "seconds")
+CSV_FIELDS = ("index", "num_prompts", "fourier_fraction", "lr", "weight_decay", "status", "epochs_run", "best_epoch",
+              "val_top1", "val_loss", "seconds")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Trial:
     num_prompts: int | None  # None = auto, resolved by run_sweep once the backbone is loaded
     lr: float
     weight_decay: float
+    fourier_fraction: float | None = None  # vfpt's; None: the config's (or a method without one)
     status: str = "queued"  # queued | running | stopped@<epoch> | done | not run (budget)
     epochs_run: int = 0
     best_epoch: int = 0
@@ -106,28 +107,36 @@ def rung_epochs(epochs: int, eta: int) -> list[int]:
 
 
 def plan_sweep(lrs: list[float], weight_decays: list[float], prompt_lengths: list[int | None], epochs: int,
-               eta: int = 3, budget: str | None = None) -> SweepPlan:
+               eta: int = 3, budget: str | None = None,
+               fourier_fractions: list[float | None] | None = None) -> SweepPlan:
     """Order the grid cheapest first (fewer prompts = fewer tokens); within one prompt length,
-    walk diagonals of the lr x wd grid so that a budget cut short still spans every lr and wd."""
+    walk diagonals of the lr x wd grid so that a budget cut short still spans every lr and wd, and
+    rotate the Fourier fractions (vfpt) across those cells, one full lr x wd pass per fraction."""
+    fractions = fourier_fractions or [None]
     if not lrs or not weight_decays or not prompt_lengths:
         raise UsageError("the sweep grid is empty: give at least one --lr, --weight-decay and --prompts value")
     if eta < 2:
         raise UsageError("--eta must be at least 2")
     if any(lr <= 0 for lr in lrs) or any(wd < 0 for wd in weight_decays) or any(p is not None and p < 1 for p in prompt_lengths):
         raise UsageError("sweep values must be lr > 0, weight decay >= 0 and prompts >= 1")
+    if any(f is not None and not 0.0 <= f <= 1.0 for f in fractions):
+        raise UsageError("sweep values of --fourier-fraction must be in [0, 1]")
     points = []
     n_lr, n_wd = len(lrs), len(weight_decays)
     for prompts in sorted(set(prompt_lengths)):
         cells = sorted(((i, j) for i in range(n_lr) for j in range(n_wd)), key=lambda c: ((c[1] - c[0]) % n_wd, c[0]))
-        points += [(prompts, lrs[i], weight_decays[j]) for i, j in cells]
+        points += [(prompts, lrs[i], weight_decays[j], fractions[(c + turn) % len(fractions)])
+                   for turn in range(len(fractions)) for c, (i, j) in enumerate(cells)]
     max_trials, max_seconds = parse_budget(budget)
-    trials = [Trial(index, p, lr, wd) for index, (p, lr, wd) in enumerate(points[:max_trials] if max_trials else points)]
+    trials = [Trial(index, p, lr, wd, fraction)
+              for index, (p, lr, wd, fraction) in enumerate(points[:max_trials] if max_trials else points)]
     return SweepPlan(trials, rung_epochs(epochs, eta), eta, max_trials, max_seconds, budget or "whole grid")
 
 
 def trial_config(base: RunConfig, trial: Trial) -> RunConfig:
-    """`base` with the trial's prompt length, lr and weight decay."""
-    return replace(base, prompt=replace(base.prompt, num_prompts=trial.num_prompts),
+    """`base` with the trial's prompt length, Fourier fraction, lr and weight decay."""
+    fraction = base.prompt.fourier_fraction if trial.fourier_fraction is None else trial.fourier_fraction
+    return replace(base, prompt=replace(base.prompt, num_prompts=trial.num_prompts, fourier_fraction=fraction),
                    train=replace(base.train, lr=trial.lr, weight_decay=trial.weight_decay))
 
 
@@ -165,6 +174,8 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
                          "(linear picks its own L2 strength on val)")
     if config.data.trainval:
         raise UsageError("vpt sweep searches on the val split; retrain the winner with vpt train --trainval")
+    if config.prompt.info.transform is None and any(t.fourier_fraction is not None for t in plan.trials):
+        raise UsageError(f"--fourier-fraction applies to vfpt and vfpt-shallow, not --method {config.prompt.method}")
     started = time.perf_counter()
     with claim_task(config, task, force=force, folder=folder) as claimed:
         return _run_claimed(config, plan, claimed, reporter, started)
@@ -179,8 +190,11 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, repor
         raise UsageError("vpt sweep needs a validation split: add a val/ folder or use --val-split > 0")
     for trial in plan.trials:  # an 'auto' length is the count prepare_run resolved for this backbone
         trial.num_prompts = trial.num_prompts or config.prompt.num_prompts
+        if trial.fourier_fraction is None:
+            trial.fourier_fraction = config.prompt.resolved_fraction
     runs: dict[int, TrainingRun] = {}
-    starts: dict[int, tuple[dict[str, torch.Tensor], float | None]] = {}  # probe head per prompt length
+    # the probe head per prompt length and Fourier fraction (which change the features it was fitted on)
+    starts: dict[tuple[int | None, float | None], tuple[dict[str, torch.Tensor], float | None]] = {}
 
     def advance(trial: Trial, until: int) -> None:
         """Create (first time) and train `trial` up to epoch `until`, keeping the table current."""
@@ -193,8 +207,9 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, repor
             model = PromptedViT(prepared.backbone.model, len(prepared.classes), trial_cfg.prompt)
             run = TrainingRun(model, prepared.train_loader, prepared.val_loader, prepared.classes, trial_cfg.train,
                               prepared.device, quiet, objective=prepared.objective)
-            run.start(prepared.probe_loader, starts.get(trial.num_prompts))
-            starts.setdefault(trial.num_prompts, (run.best_state, run.state["probe_val_acc"]))
+            start_key = (trial.num_prompts, trial.fourier_fraction)
+            run.start(prepared.probe_loader, starts.get(start_key))
+            starts.setdefault(start_key, (run.best_state, run.state["probe_val_acc"]))
             runs[trial.index] = run
         run = runs[trial.index]
         while run.epoch < until and not run.should_stop:
