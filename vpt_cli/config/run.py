@@ -7,7 +7,7 @@ task file, so a result can always be traced back to exactly what produced it. No
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ MIN_VAL_PER_CLASS_TO_SELECT = 20
 ADAMW_PROMPT_LR = 1e-2
 ADAMW_HEAD_LR = 3e-3
 SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
+# A full fine-tune's backbone without --lr: pretrained weights need a far smaller step than a new head.
+FULL_FINETUNE_LR = 2e-5
+ALL_SHOTS = "all"  # data.shots: every training image
 
 
 @dataclass
@@ -104,22 +107,32 @@ class PromptConfig:
             raise UsageError("prompt.num_prompts is 'auto' until resolve_prompts() has seen the backbone")
         return self.num_prompts
 
-    def resolve_prompts(self, num_patches: int) -> None:
-        """Fill in an 'auto' (None) prompt count for a backbone with `num_patches` patch tokens."""
-        if self.num_prompts is None:
-            self.num_prompts = auto_num_prompts(num_patches)
-
-    def resolve_pool(self, backbone_name: str) -> None:
-        """Fill in the pooling the reference uses for this checkpoint when none was asked for, so
-        the saved config (and the task file) records it: average pooling for MAE tags."""
-        if self.pool is None and backbone_name.partition(".")[2] in AVG_POOLED_TAGS:
-            self.pool = "avg"
+    def resolve(self, backbone: BackboneFacts) -> PromptConfig:
+        """A copy with the prompt count, dropout and pooling made concrete for `backbone`: 'auto'
+        prompts are auto_num_prompts of its patch tokens; no pooling asked for is the one the
+        reference uses for the checkpoint (avg for MAE tags), else the backbone's own by name."""
+        count = self.num_prompts if self.num_prompts is not None else auto_num_prompts(backbone.num_patches)
+        averaged = backbone.name.partition(".")[2] in AVG_POOLED_TAGS
+        return replace(self, num_prompts=count if self.info.prompts else (self.num_prompts or 0),
+                       dropout=self.resolved_dropout,
+                       pool=self.pool or ("avg" if averaged else backbone.own_pool))
 
     @property
     def resolved_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
         return self.info.default_dropout
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What a run's 'auto' settings are resolved against, known once its backbone is built."""
+
+    name: str  # timm name with tag
+    num_patches: int
+    img_size: int
+    weights: str | None  # the local weights file (absolute), or None for timm's hub download
+    own_pool: str | None  # the backbone's own pooling by its POOLS name (None: it has none)
 
 
 def auto_num_prompts(num_patches: int) -> int:
@@ -142,8 +155,13 @@ class DataConfig:
                           help="How to read DATA; auto picks by the files there.")
     trainval: bool = setting(False, flag="--trainval/--no-trainval", help=(
         "List formats: train on train+val (VTAB's train800val200) and score on test, the paper's final retrain."))
-    shots: int | None = setting(None, flag="--shots", shown="all",
-                                help="Keep K training images per class, drawn per class with --seed.")
+    shots: int | str = setting(ALL_SHOTS, flag="--shots",
+                               help="Keep K training images per class, drawn per class with --seed.")
+
+    @property
+    def shot_count(self) -> int | None:
+        """K of --shots, or None for every training image."""
+        return None if self.shots in (ALL_SHOTS, None) else self.shots
 
 
 @dataclass
@@ -186,6 +204,12 @@ class TrainConfig:
             return self.head_lr
         return ADAMW_HEAD_LR if self.optimizer == "adamw" else self.resolved_lr()
 
+    def resolve(self, trains_backbone: bool) -> TrainConfig:
+        """A copy with the learning rates and the warmup made concrete (a full fine-tune's
+        backbone, with no --lr, trains at FULL_FINETUNE_LR)."""
+        lr = self.lr if self.lr is not None else FULL_FINETUNE_LR if trains_backbone else self.resolved_lr()
+        return replace(self, lr=lr, head_lr=self.resolved_head_lr(), warmup_epochs=self.resolved_warmup())
+
     def resolved_warmup(self) -> int:
         return self.warmup_epochs if self.warmup_epochs is not None else self.epochs // 10
 
@@ -211,6 +235,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolve(self, backbone: BackboneFacts, workers: int) -> RunConfig:
+        """What runs, as a new config: every 'auto' value concrete for `backbone` and `workers`
+        decoding processes, and absolute paths. It is the run's args.yaml (reusable with --config
+        from any folder: resolving it again changes nothing) and the task file's record."""
+        return replace(
+            self, backbone=replace(self.backbone, weights=backbone.weights, img_size=backbone.img_size,
+                                   kwargs=dict(self.backbone.kwargs)),
+            prompt=self.prompt.resolve(backbone),
+            data=replace(self.data, path=str(Path(self.data.path).resolve()), workers=workers),
+            train=self.train.resolve(self.prompt.info.trains_backbone))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -260,8 +295,9 @@ class RunConfig:
         if self.train.warmup_epochs is not None and self.train.warmup_epochs < 0:
             raise UsageError("train.warmup_epochs must be zero or positive")
         _check_choice("data.format", self.data.format, DATA_FORMATS)
-        if self.data.shots is not None and self.data.shots < 1:
-            raise UsageError("--shots must be at least 1")
+        shots = self.data.shots
+        if shots not in (ALL_SHOTS, None) and not (isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1):
+            raise UsageError(f"--shots must be at least 1 (or data.shots: {ALL_SHOTS}), not {shots!r}")
         if self.backbone.img_size is not None and self.backbone.img_size < 8:
             raise UsageError("--img-size must be at least 8")
         return self
