@@ -184,3 +184,10 @@ def test_the_sweep_searches_fractions_across_every_lr_and_weight_decay():
     assert len({(lr, wd) for lr, wd, _ in points[:4]}) == 4 and {f for *_, f in points[:4]} == {0.25, 1.0}
     with pytest.raises(UsageError, match="not --method vpt-deep"):
         run_sweep(RunConfig(prompt=PromptConfig(method="vpt-deep")), plan)
+
+
+def test_token_init_starts_the_fourier_prompts_at_zero(vit):
+    """A transformed patch token is no patch token; the plain prompts still start as tokens."""
+    model = PromptedViT(vit, 3, PromptConfig(method="vfpt", num_prompts=4, fourier_fraction=0.5))
+    model.init_prompts_from_tokens(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    assert bool((model.prompts[:, :2] == 0).all()) and bool((model.prompts[:, 2:] != 0).all())

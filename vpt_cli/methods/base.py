@@ -36,14 +36,18 @@ class MethodInfo:
         "files store its output (folded) and inference runs the plain forward. None: prompts are used as stored."})
     default_fraction: float | None = field(default=None, metadata={
         "help": "The transform's share of each layer's prompts when --fourier-fraction is not given."})
+    transformed_rows: Callable[[int, float], int] | None = field(default=None, metadata={
+        "help": "How many leading prompts of a layer (of N, at a fraction) the transform replaces."})
 
     def __post_init__(self) -> None:
         if self.deep and not self.prompts:
             raise ValueError(f"method {self.name}: deep prompts need prompts")
         if not 0.0 <= self.default_dropout < 1.0:
             raise ValueError(f"method {self.name}: default_dropout must be in [0, 1)")
-        if (self.transform is not None) != (self.default_fraction is not None) or (self.transform and not self.prompts):
-            raise ValueError(f"method {self.name}: a prompt transform needs prompts and a default_fraction")
+        parts = (self.transform, self.default_fraction, self.transformed_rows)
+        if any(part is not None for part in parts) and not (self.prompts and all(part is not None for part in parts)):
+            raise ValueError(f"method {self.name}: a prompt transform needs prompts, a default_fraction and "
+                             "transformed_rows")
         if self.default_fraction is not None and not 0.0 <= self.default_fraction <= 1.0:
             raise ValueError(f"method {self.name}: default_fraction must be in [0, 1]")
 

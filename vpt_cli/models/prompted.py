@@ -184,6 +184,7 @@ class PromptedViT(nn.Module):
         # Raw prompts get the method's transform in every forward; a task file's are already folded.
         self.transform = prompt.info.transform if self.num_prompts and prompt.folded_from is None else None
         self.fraction = prompt.resolved_fraction
+        self.transformed_rows = prompt.info.transformed_rows(self.num_prompts, self.fraction) if self.transform else 0
         self.prompt_init = prompt.init if self.num_prompts else None
         _check_pool(prompt.pool, self.num_prompts, backbone)
         self.pool = prompt.pool
@@ -203,7 +204,9 @@ class PromptedViT(nn.Module):
         (prompt.init "tokens"). Such a prompt looks like one more patch to attention, so the
         starting features, and the probe head fitted on them, stay close to the unprompted
         backbone's, where the paper's uniform init costs a few points before training starts
-        (README, "Defaults")."""
+        (README, "Defaults"). Prompts the method transforms (vfpt's Fourier prompts) start at zero
+        instead: a transformed patch token is no patch token (DINOv2 ViT-S/14, 56 px: start
+        features at cosine 0.70 to the unprompted ones that way, 0.93 from zero; docs/vfpt.md)."""
         widths = self.adapter.layer_widths()
         if any(self.prompts[layer].shape[-1] != widths[layer] for layer in range(len(self.prompts))):
             raise ValueError("token init needs prompts in the backbone's width (no projection)")
@@ -211,6 +214,7 @@ class PromptedViT(nn.Module):
         with torch.no_grad():
             for layer, picked in enumerate(tokens):
                 self.prompts[layer].copy_(picked)
+                self.prompts[layer][: self.transformed_rows].zero_()
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
         """The prompts `layer` sees: its stored ones, transformed by the method (vfpt's Fourier
