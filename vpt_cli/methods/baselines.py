@@ -2,8 +2,8 @@
 from vpt_cli.methods.base import MethodInfo, register
 
 LINEAR = register(MethodInfo(
-    name="linear", summary="head only, fitted on frozen features (the linear probe)", prompts=False,
+    name="linear", summary="the linear probe on frozen features", prompts=False,
     trains_in_epochs=False, stores="head"))
 FULL = register(MethodInfo(
-    name="full", summary="fine-tune every backbone weight and the head", prompts=False, trains_backbone=True,
+    name="full", summary="fine-tune every weight", prompts=False, trains_backbone=True,
     stores="every backbone weight (fine-tuned) + head"))

@@ -43,10 +43,9 @@ def fourier_prompts(prompts: "torch.Tensor", fraction: float) -> "torch.Tensor":
 
 
 VFPT = register(MethodInfo(
-    name="vfpt", summary="vpt-deep with a share of each layer's prompts in the Fourier domain "
-    "(--fourier-fraction); for images far from the backbone's pretraining", prompts=True, deep=True,
+    name="vfpt", summary="vpt-deep with Fourier prompts (--fourier-fraction)", prompts=True, deep=True,
     default_dropout=DEEP_PROMPT_DROPOUT, transform=fourier_prompts, default_fraction=DEFAULT_FOURIER_FRACTION,
     transformed_rows=fourier_count))
 VFPT_SHALLOW = register(MethodInfo(
-    name="vfpt-shallow", summary="vpt-shallow with Fourier prompts (first layer only)", prompts=True,
+    name="vfpt-shallow", summary="vpt-shallow with Fourier prompts", prompts=True,
     transform=fourier_prompts, default_fraction=DEFAULT_FOURIER_FRACTION, transformed_rows=fourier_count))

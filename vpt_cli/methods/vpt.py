@@ -5,7 +5,7 @@ from vpt_cli.methods.base import MethodInfo, register
 DEEP_PROMPT_DROPOUT = 0.1
 
 VPT_DEEP = register(MethodInfo(
-    name="vpt-deep", summary="prompts at every layer (the paper's best; the default)", prompts=True, deep=True,
+    name="vpt-deep", summary="prompts at every layer (the default)", prompts=True, deep=True,
     default_dropout=DEEP_PROMPT_DROPOUT))
 VPT_SHALLOW = register(MethodInfo(
-    name="vpt-shallow", summary="prompts before the first layer only (fewer parameters)", prompts=True))
+    name="vpt-shallow", summary="prompts before the first layer only", prompts=True))
