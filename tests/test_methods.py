@@ -2,8 +2,6 @@
 config and the task file follow its answers (a row per method; a new method adds one)."""
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import pytest
 import torch
 from conftest import tiny_config
@@ -56,7 +54,7 @@ def test_the_model_follows_the_method(backbone, tmp_path, name, prompts, deep, t
                          data_config=dict(backbone.data_config, input_size=list(backbone.data_config["input_size"]),
                                           mean=list(backbone.data_config["mean"]),
                                           std=list(backbone.data_config["std"])),
-                         prompt=asdict(stored), classes=["a", "b", "c"]),
+                         prompt=stored, classes=["a", "b", "c"]),
                 state)
     loaded = load_task(save_task(task, tmp_path / "t.safetensors"))
     assert set(loaded.tensors) == set(state)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,9 +67,10 @@ def vit(tiny):
 
 
 def folded_model(backbone, model: PromptedViT, prompt: PromptConfig) -> PromptedViT:
-    """What loading a task file gives: the folded tensors in a model built from the folded settings."""
+    """What loading a task file gives: the folded tensors in a model that does not transform them."""
     tensors, stored = fold_task_state(model.task_state_dict(), prompt)
-    loaded = PromptedViT(backbone, model.head.out_features, stored)
+    assert stored["fourier_fraction"] == prompt.resolved_fraction and len(stored["folded_from"]) == 64
+    loaded = PromptedViT(backbone, model.head.out_features, prompt, folded=True)
     loaded.load_task_state_dict(tensors)
     return loaded.eval()
 
@@ -157,16 +158,15 @@ def test_fourier_settings_are_checked_in_configs_and_task_files(tiny, tmp_path):
         RunConfig(prompt=PromptConfig(method="vpt-deep", fourier_fraction=0.5)).validate()
     with pytest.raises(UsageError, match=r"--fourier-fraction must be in \[0, 1\]"):
         RunConfig(prompt=PromptConfig(method="vfpt", fourier_fraction=1.5)).validate()
-    with pytest.raises(UsageError, match="folded_from is written by vpt"):
-        RunConfig(prompt=PromptConfig(method="vfpt", folded_from="0" * 64)).validate()
+    RunConfig(prompt=PromptConfig(method="vpt-deep", fourier_fraction=0.0)).validate()  # what args.yaml records
     assert PromptConfig(method="vfpt").resolved_fraction == 0.5 and PromptConfig().resolved_fraction is None
     prompt = PromptConfig(method="vfpt", num_prompts=2, fourier_fraction=0.5, init="uniform")
     tensors, stored = fold_task_state(prompted(tiny.model, prompt).task_state_dict(), prompt)
     info = TaskInfo(name="t", backbone=tiny.name, backbone_fingerprint="0" * 32, img_size=32,
                     data_config=dict(tiny.data_config, input_size=list(tiny.data_config["input_size"]),
                                      mean=list(tiny.data_config["mean"]), std=list(tiny.data_config["std"])),
-                    prompt=asdict(stored), classes=["a", "b", "c"])
-    assert load_task(save_task(Task(info, tensors), tmp_path / "ok.safetensors")).info.prompt == asdict(stored)
+                    prompt=stored, classes=["a", "b", "c"])
+    assert load_task(save_task(Task(info, tensors), tmp_path / "ok.safetensors")).info.prompt == stored
     for change, message in [({"folded_from": None}, "folded_from must be the sha256"),
                             ({"folded_from": "x" * 64}, "folded_from must be the sha256"),
                             ({"fourier_fraction": 2.0}, r"fourier_fraction must be a number in \[0.0, 1.0\]"),

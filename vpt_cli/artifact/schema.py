@@ -251,7 +251,7 @@ def _check_data_config(config: Any) -> None:
 
 def _check_prompt(prompt: Any) -> None:
     _require(isinstance(prompt, dict), "prompt must be an object")
-    allowed = set(PromptConfig.__dataclass_fields__)
+    allowed = set(PromptConfig.__dataclass_fields__) | {"folded_from"}  # models/folding.py writes it
     _require(set(prompt) <= allowed, f"prompt has unknown keys {sorted(set(prompt) - allowed)[:3]}")
     _require(prompt.get("method") in METHODS, f"prompt.method must be one of {', '.join(METHODS)}")
     method = get_method(prompt["method"])
@@ -270,7 +270,7 @@ def _check_prompt(prompt: Any) -> None:
                  f"prompt.folded_from must be the sha256 of the raw prompts (a {method.name} task stores "
                  "folded prompts)")
     else:
-        _require(prompt.get("fourier_fraction") is None and prompt.get("folded_from") is None,
+        _require(prompt.get("fourier_fraction") in (None, 0) and prompt.get("folded_from") is None,
                  f"prompt.fourier_fraction and prompt.folded_from are for Fourier prompts, not {method.name}")
     for key, value in prompt.items():  # fields added later: plain short values only
         _require(value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64),

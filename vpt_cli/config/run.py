@@ -96,9 +96,6 @@ class PromptConfig:
         None, flag="--fourier-fraction", shown=_fraction_defaults(), help=(
             "vfpt: the share of each layer's prompts, floor(share x prompts), replaced by the real part of their 2-D "
             "FFT (0 is vpt-deep exactly; docs/vfpt.md)."))
-    folded_from: str | None = setting(None, help=(
-        "Written by vpt into task files, never set: the sha256 of the raw prompts whose transform (the method's, at "
-        "fourier_fraction) the file stores; None: the prompts as trained."))
 
     @property
     def info(self) -> MethodInfo:
@@ -125,7 +122,8 @@ class PromptConfig:
         count = self.num_prompts if self.num_prompts is not None else auto_num_prompts(backbone.num_patches)
         averaged = backbone.name.partition(".")[2] in AVG_POOLED_TAGS
         return replace(self, num_prompts=count if self.info.prompts else (self.num_prompts or 0),
-                       dropout=self.resolved_dropout, fourier_fraction=self.resolved_fraction,
+                       dropout=self.resolved_dropout,
+                       fourier_fraction=self.resolved_fraction if self.info.transform else (self.fourier_fraction or 0.0),
                        pool=self.pool or ("avg" if averaged else backbone.own_pool))
 
     @property
@@ -297,12 +295,10 @@ class RunConfig:
             raise UsageError("--tau must be in [0, 10]")
         if method.prompts and self.prompt.num_prompts is not None and self.prompt.num_prompts < 1:
             raise UsageError(f"--prompts must be at least 1 for {self.prompt.method}")
-        if self.prompt.fourier_fraction is not None and method.transform is None:
+        if self.prompt.fourier_fraction and method.transform is None:  # 0: no Fourier prompts, what others have
             raise UsageError(f"--fourier-fraction applies to vfpt and vfpt-shallow, not --method {self.prompt.method}")
         if self.prompt.fourier_fraction is not None and not 0.0 <= self.prompt.fourier_fraction <= 1.0:
             raise UsageError("--fourier-fraction must be in [0, 1]")
-        if self.prompt.folded_from is not None:
-            raise UsageError("prompt.folded_from is written by vpt into task files; remove it from the config")
         if not 0.0 <= self.prompt.resolved_dropout < 1.0:
             raise UsageError("prompt dropout must be in [0, 1)")
         if not 0.0 <= self.data.val_split < 1.0:

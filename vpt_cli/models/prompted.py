@@ -156,7 +156,7 @@ class PromptedViT(nn.Module):
     prompts, `full` also unfreezes the backbone.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, prompt: PromptConfig):
+    def __init__(self, backbone: nn.Module, num_classes: int, prompt: PromptConfig, folded: bool = False):
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter_for(backbone)
@@ -181,8 +181,8 @@ class PromptedViT(nn.Module):
                 self.prompt_proj = nn.Linear(prompt.proj_dim, width)
                 nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
             self.prompt_dropout = nn.Dropout(prompt.resolved_dropout)
-        # Raw prompts get the method's transform in every forward; a task file's are already folded.
-        self.transform = prompt.info.transform if self.num_prompts and prompt.folded_from is None else None
+        # Raw prompts get the method's transform in every forward; a task file's are `folded` already.
+        self.transform = prompt.info.transform if self.num_prompts and not folded else None
         self.fraction = prompt.resolved_fraction
         self.transformed_rows = prompt.info.transformed_rows(self.num_prompts, self.fraction) if self.transform else 0
         self.prompt_init = prompt.init if self.num_prompts else None

@@ -11,6 +11,7 @@ from vpt_cli.artifact.schema import Task, load_task
 from vpt_cli.config import BackboneConfig, PromptConfig
 from vpt_cli.core.errors import TaskError
 from vpt_cli.models.backbones import Backbone, create_backbone
+from vpt_cli.models.folding import FOLDED_FROM
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.runtime.device import pick_device
 
@@ -52,7 +53,9 @@ def load_for_inference(task: str | Path, backbone_weights: str | None = None, de
 def task_model(backbone: torch.nn.Module, task: Task) -> PromptedViT:
     """A task's PromptedViT on an already loaded (possibly shared) backbone, in eval mode."""
     try:
-        model = PromptedViT(backbone, len(task.info.classes), PromptConfig(**task.info.prompt))
+        settings = {key: value for key, value in task.info.prompt.items() if key != FOLDED_FROM}
+        model = PromptedViT(backbone, len(task.info.classes), PromptConfig(**settings),
+                            folded=FOLDED_FROM in task.info.prompt)
         model.load_task_state_dict(task.tensors)
     except ValueError as exc:
         raise TaskError(f"task file {task.path} is inconsistent: {exc}") from None

@@ -14,7 +14,7 @@ import torch
 
 from vpt_cli import __version__
 from vpt_cli.artifact.schema import Task, TaskInfo, save_task
-from vpt_cli.config import PromptConfig, RunConfig
+from vpt_cli.config import RunConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.core.fileio import write_text
 from vpt_cli.evaluation.metrics import EvalReport
@@ -75,14 +75,14 @@ def task_file(run: PreparedRun, config: RunConfig, state: dict[str, torch.Tensor
     return Task(task_info(run, config, prompt, report, provenance, test_report), tensors)
 
 
-def task_info(run: PreparedRun, config: RunConfig, prompt: PromptConfig, report: EvalReport | None,
+def task_info(run: PreparedRun, config: RunConfig, prompt: dict[str, Any], report: EvalReport | None,
               provenance: dict[str, Any], test_report: EvalReport | None = None) -> TaskInfo:
     """What a task file made from this run says about itself; `prompt` is the stored prompts' own
-    settings (folded ones say so)."""
+    metadata (folded ones say so)."""
     return TaskInfo(
         objective=run.objective.name,
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
-        img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=asdict(prompt),
+        img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=prompt,
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
         metrics={**_summary(report, "val"), **_summary(test_report, "test")},
         provenance={

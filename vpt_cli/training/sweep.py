@@ -175,7 +175,7 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
                          "(linear picks its own L2 strength on val)")
     if config.data.trainval:
         raise UsageError("vpt sweep searches on the val split; retrain the winner with vpt train --trainval")
-    if config.prompt.info.transform is None and any(t.fourier_fraction is not None for t in plan.trials):
+    if config.prompt.info.transform is None and any(t.fourier_fraction for t in plan.trials):
         raise UsageError(f"--fourier-fraction applies to vfpt and vfpt-shallow, not --method {config.prompt.method}")
     started = time.perf_counter()
     splits = check_run(config)
