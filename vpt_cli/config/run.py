@@ -121,9 +121,9 @@ class PromptConfig:
         reference uses for the checkpoint (avg for MAE tags), else the backbone's own by name."""
         count = self.num_prompts if self.num_prompts is not None else auto_num_prompts(backbone.num_patches)
         averaged = backbone.name.partition(".")[2] in AVG_POOLED_TAGS
+        fraction = self.resolved_fraction if self.info.transform else (self.fourier_fraction or 0.0)
         return replace(self, num_prompts=count if self.info.prompts else (self.num_prompts or 0),
-                       dropout=self.resolved_dropout,
-                       fourier_fraction=self.resolved_fraction if self.info.transform else (self.fourier_fraction or 0.0),
+                       dropout=self.resolved_dropout, fourier_fraction=fraction,
                        pool=self.pool or ("avg" if averaged else backbone.own_pool))
 
     @property
