@@ -186,8 +186,10 @@ def test_the_sweep_searches_fractions_across_every_lr_and_weight_decay():
         run_sweep(RunConfig(prompt=PromptConfig(method="vpt-deep")), plan)
 
 
-def test_token_init_starts_the_fourier_prompts_at_zero(vit):
-    """A transformed patch token is no patch token; the plain prompts still start as tokens."""
+def test_token_init_leaves_the_fourier_prompts_uniform(vit):
+    """A transformed patch token is no patch token: the Fourier rows keep the paper's uniform
+    init, the plain prompts start as tokens."""
     model = PromptedViT(vit, 3, PromptConfig(method="vfpt", num_prompts=4, fourier_fraction=0.5))
+    uniform = model.prompts.detach().clone()
     model.init_prompts_from_tokens(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
-    assert bool((model.prompts[:, :2] == 0).all()) and bool((model.prompts[:, 2:] != 0).all())
+    assert torch.equal(model.prompts[:, :2], uniform[:, :2]) and not torch.equal(model.prompts[:, 2:], uniform[:, 2:])

@@ -204,17 +204,17 @@ class PromptedViT(nn.Module):
         (prompt.init "tokens"). Such a prompt looks like one more patch to attention, so the
         starting features, and the probe head fitted on them, stay close to the unprompted
         backbone's, where the paper's uniform init costs a few points before training starts
-        (README, "Defaults"). Prompts the method transforms (vfpt's Fourier prompts) start at zero
-        instead: a transformed patch token is no patch token (DINOv2 ViT-S/14, 56 px: start
-        features at cosine 0.70 to the unprompted ones that way, 0.93 from zero; docs/vfpt.md)."""
+        (README, "Defaults"). Prompts the method transforms (vfpt's Fourier prompts) keep the
+        paper's uniform init: a transformed patch token is no patch token (start features at
+        cosine 0.70 to the unprompted ones, 0.90 from uniform), and zero, closer still (0.93),
+        gives Adam steps as large as the prompts themselves, which collapsed a run (docs/vfpt.md)."""
         widths = self.adapter.layer_widths()
         if any(self.prompts[layer].shape[-1] != widths[layer] for layer in range(len(self.prompts))):
             raise ValueError("token init needs prompts in the backbone's width (no projection)")
         tokens = sample_patch_tokens(self.adapter, images, len(self.prompts), self.num_prompts)
         with torch.no_grad():
             for layer, picked in enumerate(tokens):
-                self.prompts[layer].copy_(picked)
-                self.prompts[layer][: self.transformed_rows].zero_()
+                self.prompts[layer][self.transformed_rows:].copy_(picked[self.transformed_rows:])
 
     def layer_prompts(self, layer: int, batch: int) -> torch.Tensor | None:
         """The prompts `layer` sees: its stored ones, transformed by the method (vfpt's Fourier
