@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from vpt_cli import __version__
-from vpt_cli.cli import evaluate, export, predict, tasks, train
+from vpt_cli.cli import evaluate, export, predict, serve, tasks, train
 from vpt_cli.cli.common import out
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command()(train.sweep)
 app.command("eval")(evaluate.evaluate)
 app.command()(predict.predict)
 app.command()(export.export)
+app.command()(serve.serve)
 app.add_typer(tasks.tasks_app, name="tasks")
 
 
