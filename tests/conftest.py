@@ -42,3 +42,22 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("VPT_HOME", str(home))
     monkeypatch.chdir(tmp_path)
     return home
+
+
+def write_task_file(backbone, weights, config, name: str, folder, num_classes: int, seed: int = 1):
+    """A task file in `folder` as `vpt train` would write it: random prompts and a non-trivial head."""
+    import json
+    from dataclasses import asdict
+
+    from vpt_cli.artifact.schema import Task, TaskInfo, save_task
+    from vpt_cli.models.prompted import PromptedViT
+
+    torch.manual_seed(seed)
+    model = PromptedViT(backbone.model, num_classes, config).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.head.bias, std=0.5)
+    info = TaskInfo(name=name, backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
+                    img_size=backbone.img_size, data_config=json.loads(json.dumps(backbone.data_config, default=list)),
+                    prompt=asdict(config), classes=[f"{name}-{c}" for c in range(num_classes)],
+                    backbone_kwargs=tiny_config().kwargs, backbone_weights=str(weights))
+    return save_task(Task(info, model.task_state_dict()), folder / f"{name}.safetensors", force=True)
