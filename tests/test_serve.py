@@ -17,49 +17,20 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import tiny_config, write_task_file
+from conftest import SERVE_IMAGES, SERVE_TASKS, write_task_file
 from PIL import Image
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from vpt_cli import api
 from vpt_cli.cli.app import app as cli_app
 from vpt_cli.config import PromptConfig
 from vpt_cli.core.errors import UsageError
-from vpt_cli.models.backbones import create_backbone
 from vpt_cli.serving.batcher import Batcher
 from vpt_cli.serving.http import ServeSettings, create_app
 from vpt_cli.serving.registry import LiveTasks
 from vpt_cli.serving.runner import check_exposure
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "val"
-IMAGES = [sorted((SAMPLE / kind).iterdir())[i] for kind in ("bag", "dress", "sneaker") for i in range(2)]
-TASKS = {"deep3": (PromptConfig("vpt-deep", 3), 2), "shallow5": (PromptConfig("vpt-shallow", 5), 3),
-         "proj2": (PromptConfig("vpt-deep", 2, proj_dim=16), 4)}
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory) -> dict:
-    """Three tiny task files on one backbone, one on another backbone, and `vpt predict`'s answers."""
-    root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    backbone = create_backbone(tiny_config(), pretrained=False)
-    weights = root / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(weights))
-    folder = root / "tasks"
-    folder.mkdir()
-    for seed, (name, (config, classes)) in enumerate(TASKS.items(), 1):
-        write_task_file(backbone, weights, config, name, folder, classes, seed=seed)
-    torch.manual_seed(7)
-    other = create_backbone(tiny_config(), pretrained=False)
-    other_weights = root / "other.safetensors"
-    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(other_weights))
-    stranger = write_task_file(other, other_weights, PromptConfig("vpt-deep", 2), "stranger", root, 2)
-    paths = [str(folder / f"{name}.safetensors") for name in TASKS]
-    predicted = api.predict([str(image) for image in IMAGES], paths, top_k=5, device="cpu")
-    expected = {(Path(p.file).name, p.task): p.top for p in predicted.predictions}
-    return {"root": root, "folder": folder, "weights": weights, "backbone": backbone, "stranger": stranger,
-            "expected": expected}
+IMAGES = SERVE_IMAGES
+TASKS = SERVE_TASKS
 
 
 def settings_for(served: dict, **overrides) -> ServeSettings:
@@ -437,6 +408,7 @@ def test_watch_and_admin_reload_under_traffic_never_fail_a_request(served, tmp_p
             for name in ("shallow5", "extra", "proj2"):
                 admin[f"delete_{name}"] = await client.delete(f"/v1/tasks/{name}")
             admin["delete_last"] = await client.delete("/v1/tasks/deep3")
+            await asyncio.sleep(0.3)  # three looks of the watcher: an unloaded task's unchanged file stays unloaded
             admin["listing"] = await client.get("/v1/tasks")
             admin["gone"] = await client.post("/v1/predict", files=upload(IMAGES[0]), data={"task": "extra"})
             return seen, replaced, admin

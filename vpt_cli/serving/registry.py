@@ -70,7 +70,7 @@ class LiveTasks:
             raise UsageError("the same task was given twice")
         self._weights, self._device = backbone_weights, device
         self._lock = threading.Lock()
-        self._refused: dict[str, Stamp] = {}  # files refused as they are now: not retried until they change
+        self._seen: dict[str, Stamp] = {}  # each source file's stamp at the last look (loaded or refused)
         self.backbone: Backbone | None = None
         self.device: torch.device | None = None
         self.reference: TaskInfo | None = None
@@ -98,9 +98,9 @@ class LiveTasks:
                 server_for(self.backbone, first.device, [first.task, candidate.task], self.reference)
                 served[name] = candidate
             except VPTError as exc:
-                self._refused[name] = _stamp(path)
                 refused.append(f"refused task '{name}': {_public(exc, path, name)}")
         self._swap(served)
+        self._seen = {name: stamp for name, path in sources.items() if (stamp := _stamp(path)) is not None}
         return refused
 
     def reload(self, name: str) -> ServedTask:
@@ -115,9 +115,7 @@ class LiveTasks:
                 tasks = {**self._snapshot().tasks, name: candidate}
                 self._swap(tasks)
             except VPTError as exc:
-                self._refused[name] = _stamp(path)
                 raise type(exc)(_public(exc, path, name)) from None
-            self._refused.pop(name, None)
             return candidate
 
     def unload(self, name: str) -> None:
@@ -132,23 +130,25 @@ class LiveTasks:
             self._swap(tasks)
 
     def poll(self) -> list[str]:
-        """Apply what changed on disk since the last look (added, replaced, removed files); one line each."""
+        """Apply what changed on disk since the last look; one line per change.
+
+        Only changes count: a file that is new or whose stamp moved is (re)loaded, a file that went
+        away is unloaded. A task unloaded through the API stays unloaded until its file changes."""
         lines = []
-        sources = self.sources()
-        loaded = self._snapshot().tasks
-        for name, path in sources.items():
-            stamp = _stamp(path)
-            if stamp is None or self._refused.get(name) == stamp:
+        now = {name: stamp for name, path in self.sources().items() if (stamp := _stamp(path)) is not None}
+        for name, stamp in now.items():
+            if self._seen.get(name) == stamp:
                 continue
-            if name not in loaded or loaded[name].stamp != stamp:
-                verb = "reloaded" if name in loaded else "loaded"
-                try:
-                    self.reload(name)
-                    lines.append(f"{verb} task '{name}'")
-                except VPTError as exc:
-                    lines.append(f"refused task '{name}': {exc}")
-        for name in loaded:
-            if name not in sources or _stamp(sources[name]) is None:
+            self._seen[name] = stamp
+            verb = "reloaded" if name in self._snapshot().tasks else "loaded"
+            try:
+                self.reload(name)
+                lines.append(f"{verb} task '{name}'")
+            except VPTError as exc:
+                lines.append(f"refused task '{name}': {exc}")
+        for name in [name for name in self._seen if name not in now]:
+            del self._seen[name]
+            if name in self._snapshot().tasks:
                 try:
                     self.unload(name)
                     lines.append(f"unloaded task '{name}' (its file is gone)")
