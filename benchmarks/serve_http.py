@@ -165,7 +165,7 @@ async def closed_loop(url: str, mode: str, k: int, clients: int, images: list[by
         await asyncio.wait_for(asyncio.gather(*(sender() for _ in range(clients))), seconds + 120)
         elapsed = time.perf_counter() - started
         after = await batch_stats(client)
-    return Run(mode, k, f"closed, {clients} clients", 0.0, len(latencies) / elapsed, *summary(latencies), errors,
+    return Run(mode, k, f"closed, {clients} client{'s' if clients > 1 else ''}", 0.0, len(latencies) / elapsed, *summary(latencies), errors,
                len(latencies), mean_batch(before, after))
 
 
@@ -192,7 +192,7 @@ async def open_loop(url: str, mode: str, k: int, rate: float, images: list[bytes
         await asyncio.wait_for(asyncio.gather(*(scheduled(n) for n in range(count))), seconds + 120)
         elapsed = time.perf_counter() - started
         after = await batch_stats(client)
-    return Run(mode, k, f"open, {rate:.0f} img/s", rate, len(latencies) / elapsed, *summary(latencies), errors,
+    return Run(mode, k, f"open, {rate:.1f} img/s", rate, len(latencies) / elapsed, *summary(latencies), errors,
                len(latencies), mean_batch(before, after))
 
 
@@ -318,7 +318,7 @@ def report(runs: list[Run], bare: tuple[float, float], ceiling: dict[int, float]
         return next(r for r in runs if r.mode == mode and r.k == k and r.load.startswith(load))
 
     cross = find("cross-task", top, f"closed, {clients}")
-    unloaded = find("cross-task", top, "closed, 1 ")
+    unloaded = find("cross-task", top, "closed, 1 client")
     half = min((r for r in runs if r.mode == "cross-task" and r.offered),
                key=lambda r: abs(r.offered - 0.5 * cross.images_per_s))
     bare_gain = bare[1] / bare[0]
@@ -353,7 +353,7 @@ def report(runs: list[Run], bare: tuple[float, float], ceiling: dict[int, float]
     print(goals_table)
     if args.no_doc:
         return
-    render_line_chart_png(series, PLOT, f"latency (ms) against offered load, K={top}, open loop", "offered img/s")
+    render_line_chart_png(series, PLOT, f"latency ms, open loop, K={top}", "offered img/s")
     body = "\n\n".join([
         f"`vpt serve` processes (uvicorn on loopback) of `{BACKBONE}` ({Path(args.weights).name}) at {args.img_size} px, "
         f"{top} random-prompt tasks with {args.prompts} VPT-deep prompts loaded, `--max-batch {args.max_batch} "
@@ -370,7 +370,12 @@ def report(runs: list[Run], bare: tuple[float, float], ceiling: dict[int, float]
         f"![latency against load](serve-latency.png)",
         "On 2 CPU cores the client, the decode threads and the forward share the same two cores, so the HTTP "
         "and decode cost per request competes with the model itself; the goals are ratios so that the same "
-        "run on a bigger machine or a GPU can be compared.",
+        "run on a bigger machine or a GPU can be compared. "
+        + (f"Not met in this run: {'; '.join(row[0] for row in goal_rows if row[3] != 'yes')}. " if any(
+            row[3] != "yes" for row in goal_rows) else "")
+        + (f"Other jobs shared the cores during this run (load average {max(load):.1f} on {os.cpu_count()} cores): "
+           "forward times were then several times the quiet-machine ones and the ratios carry that noise."
+           if max(load) > (os.cpu_count() or 1) else ""),
         f"{machine_line()} Whole run: {total:.0f} s; 1-minute load average {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end (above the core count means other jobs shared the cores).",
     ])
