@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from conftest import SERVE_IMAGES, SERVE_TASKS, write_task_file
 from PIL import Image
 from typer.testing import CliRunner
@@ -378,7 +377,7 @@ def test_watch_and_admin_reload_under_traffic_never_fail_a_request(served, tmp_p
                     seen.append((body["version"], body["results"][0]["answers"][0]["top"]))
 
             async def wait_for(check, what: str):
-                for _ in range(300):
+                for _ in range(500):
                     listing = (await client.get("/v1/tasks")).json()
                     if check(listing):
                         return listing
@@ -399,6 +398,8 @@ def test_watch_and_admin_reload_under_traffic_never_fail_a_request(served, tmp_p
             stop.set()
             await asyncio.gather(*runners)
             shutil.copy(served["folder"] / "proj2.safetensors", folder / "proj2.safetensors")
+            # the watcher takes it back first, so it cannot load it again after the DELETE below
+            await wait_for(lambda l: "proj2" in [t["name"] for t in l["tasks"]], "loaded a file put back")
             admin = {
                 "reload_stranger": await client.post("/v1/tasks/stranger/reload"),
                 "reload_missing": await client.post("/v1/tasks/ghost/reload"),

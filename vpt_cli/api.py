@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import torch
 
@@ -51,9 +51,6 @@ from vpt_cli.training.probe import probe_init_head
 from vpt_cli.training.resume import Checkpoint, run_settings, settings_config
 from vpt_cli.training.run_folder import CHECKPOINT_FILE, RunFolder, claim_task, default_task_name
 from vpt_cli.training.sweep import SweepReporter, SweepResult, plan_sweep, run_sweep
-
-if TYPE_CHECKING:
-    from vpt_cli.serving.http import ServeSettings
 
 
 def train(config: RunConfig, task: str | None = None, force: bool = False, resume: bool = False,
@@ -380,12 +377,3 @@ def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[s
         "input": "images: float32 (batch, 3, image_size, image_size), RGB in [0, 1] normalised by mean/std",
     }
 
-
-def serve(settings: "ServeSettings", insecure_no_key: bool = False,
-          on_ready: "Callable[[str], None] | None" = None) -> None:
-    """Serve the tasks of `settings` over HTTP until SIGTERM/SIGINT (docs/serving.md): one backbone,
-    cross-task dynamic batching, the v1 and KServe v2 routes, metrics and a web page. Loopback
-    only unless a key is set or `insecure_no_key`; blocks, and raises what stopped start-up."""
-    from vpt_cli.serving.runner import serve as run  # late: fastapi and uvicorn load only when serving
-
-    run(settings, insecure_no_key=insecure_no_key, on_ready=on_ready)

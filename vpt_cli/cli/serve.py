@@ -55,9 +55,11 @@ def serve(
     """
 
     def action() -> None:
-        from vpt_cli import api
+        # Straight to the serving layer, not through vpt_cli.api: api imports the training and
+        # evaluation stack, which a server (often a fresh container) would load for nothing.
         from vpt_cli.artifact.home import tasks_dir as registry_dir
         from vpt_cli.serving.http import ServeSettings
+        from vpt_cli.serving.runner import serve as run_server
 
         if all_tasks == bool(task):
             raise UsageError("give --task (repeatable) or --all-tasks")
@@ -72,8 +74,8 @@ def serve(
             timeout_s=timeout_s, max_body_mb=max_body_mb, max_images=max_images, api_key=api_key or None,
             cors_origins=list(cors_origin), watch=watch, watch_interval_s=watch_interval_s, access_log=access_log,
             workers=workers, drain_timeout_s=drain_timeout, batching=_value(batching))
-        api.serve(settings, insecure_no_key=insecure_no_key,
-                  on_ready=lambda line: err.print(safe(line), highlight=False, soft_wrap=True))
+        run_server(settings, insecure_no_key=insecure_no_key,
+                   on_ready=lambda line: err.print(safe(line), highlight=False, soft_wrap=True))
         err.print("stopped", highlight=False)
 
     run_command(action)

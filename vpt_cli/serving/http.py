@@ -385,8 +385,8 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             if bad is not None:
                 raise ApiError(422, "undecodable_image", f"image {bad.index}: {bad.error.message}")
         except ApiError as exc:
-            _count(state, "infer", [task] if task in (state.live.current.tasks if state.live.current else {}) else [],
-                   exc.status)
+            loaded = state.live.current is not None and task in state.live.current.tasks
+            _count(state, "infer", [task] if loaded else [], exc.status)  # labels hold loaded names only
             raise
         _count(state, "infer", [task], 200)
         k = min(top_k, len(served.info.classes))
