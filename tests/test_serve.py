@@ -210,6 +210,7 @@ def test_bad_input_is_a_clear_error_and_good_images_still_answer(served, monkeyp
                                             data={"task": "deep3"}),
                 "unknown": await post("/v1/predict", files=upload(IMAGES[0]), data={"task": "deep3,birds"}),
                 "too_many": await post("/v1/predict", files=upload(*IMAGES[:3]), data={"task": "deep3"}),
+                "way_too_many": await post("/v1/predict", files=upload(*IMAGES[:5]), data={"task": "deep3"}),
                 "too_many_json": await post("/v1/predict", json={"images": [good] * 3, "tasks": ["deep3"]}),
                 "json": await post("/v1/predict", content=b"{nope", headers={"content-type": "application/json"}),
                 "base64": await post("/v1/predict", json={"images": [good, "%%%"], "tasks": ["deep3"]}),
@@ -237,6 +238,7 @@ def test_bad_input_is_a_clear_error_and_good_images_still_answer(served, monkeyp
     assert_error(got["none_readable"], 422, "no_readable_image")
     assert "birds" in assert_error(got["unknown"], 404, "unknown_task")["message"]
     assert "--max-images" in assert_error(got["too_many"], 413, "too_many_images")["message"]
+    assert_error(got["way_too_many"], 413, "too_many_images")  # refused by the multipart parser's file cap
     assert_error(got["too_many_json"], 413, "too_many_images")
     assert_error(got["json"], 400, "bad_json")
     assert "image 1" in assert_error(got["base64"], 400, "bad_base64")["message"]
