@@ -384,3 +384,4 @@ def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[s
         "backbone": backbone.name,
         "input": "images: float32 (batch, 3, image_size, image_size), RGB in [0, 1] normalised by mean/std",
     }
+
