@@ -27,7 +27,7 @@ from vpt_cli.config import METHODS, POOLS, PROMPT_INITS, PromptConfig
 from vpt_cli.core.errors import TaskError, one_line
 from vpt_cli.core.fileio import write_bytes
 from vpt_cli.methods import get_method
-from vpt_cli.objectives import Objective, SingleLabel, objective_class, objective_names
+from vpt_cli.objectives import SINGLE_LABEL, Objective, objective_class, objective_names
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,7 @@ class TaskInfo:
     metrics: dict[str, Any] = field(default_factory=dict)  # validation metrics of the kept epoch
     provenance: dict[str, Any] = field(default_factory=dict)  # data, split, seed, config, versions
     format_version: int = FORMAT_VERSION
-    objective: str = SingleLabel.name  # the task type (vpt_cli.objectives); files from before it are single-label
+    objective: str = SINGLE_LABEL  # the task type (vpt_cli.objectives); files from before it are single-label
 
     def new_objective(self) -> Objective:
         """The task type this task answers with (inference needs no class balance: it shapes training only)."""

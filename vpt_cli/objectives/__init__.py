@@ -1,7 +1,5 @@
-"""What a task type optimises and reports: an `Objective` per task type, registered by name."""
-from vpt_cli.objectives.balance import ClassBalance
-from vpt_cli.objectives.base import Answer, Objective, objective_class, objective_names, register_objective
-from vpt_cli.objectives.single_label import SingleLabel
+"""What a task type optimises and reports: an `Objective` per task type (`single_label`, ...),
+listed by name in a registry that imports no torch (`base`); `balance` holds the class balance."""
+from vpt_cli.objectives.base import SINGLE_LABEL, Answer, Objective, objective_class, objective_names
 
-__all__ = ["Answer", "ClassBalance", "Objective", "SingleLabel", "objective_class", "objective_names",
-           "register_objective"]
+__all__ = ["SINGLE_LABEL", "Answer", "Objective", "objective_class", "objective_names"]

@@ -10,18 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vpt_cli.objectives.balance import ClassBalance
-from vpt_cli.objectives.base import Answer, Objective, register_objective
+from vpt_cli.objectives.base import SINGLE_LABEL, Answer, Objective
 
 if TYPE_CHECKING:
     from vpt_cli.evaluation.metrics import EvalReport
 
 
-@register_objective
 @dataclass(frozen=True)
 class SingleLabel(Objective):
     """Today's (and every older task file's) task type."""
 
-    name: ClassVar[str] = "single-label"
+    name: ClassVar[str] = SINGLE_LABEL
     balance: ClassBalance = field(default_factory=ClassBalance)
 
     def loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
