@@ -22,6 +22,7 @@ from vpt_cli.core.errors import DataError, PredictError, TrainingInterrupted, Us
 from vpt_cli.core.fileio import numbered_dir, strict_json, write_text
 from vpt_cli.data import (
     ImageDataset,
+    LabelFormat,
     Sample,
     auto_workers,
     build_transform,
@@ -36,14 +37,21 @@ from vpt_cli.data import (
     validate_samples,
 )
 from vpt_cli.evaluation.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
-from vpt_cli.evaluation.plots import render_confusion_png, render_labelled_image, render_reliability_png
-from vpt_cli.evaluation.report import SamplePrediction, render_report_html
+from vpt_cli.evaluation.multilabel import MultiLabelReport
+from vpt_cli.evaluation.plots import render_ap_png, render_confusion_png, render_labelled_image, render_reliability_png
+from vpt_cli.evaluation.report import (
+    LabelSetPrediction,
+    SamplePrediction,
+    render_multilabel_report_html,
+    render_report_html,
+)
 from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.objectives import Objective
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.reporting import Reporter
 from vpt_cli.serving.loading import load_for_inference
 from vpt_cli.serving.tasks import load_tasks
-from vpt_cli.training.engine import FitResult, fit
+from vpt_cli.training.engine import FitResult, evaluate_tuned, fit
 from vpt_cli.training.engine import evaluate as run_evaluation
 from vpt_cli.training.outputs import EpochWriter, TrainResult, save_trained
 from vpt_cli.training.prepare import prepare_run
@@ -83,10 +91,10 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             model.to(run.device)
             probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter,
                                         run.objective)
-            report = (run_evaluation(model, run.val_loader, run.classes, run.device, config.train.amp, reporter, "val",
-                                     objective=run.objective)
-                      if run.val_loader else None)
-            result = FitResult([], 0, report, False, 0.0, probe_acc)
+            objective, report = (evaluate_tuned(model, run.val_loader, run.classes, run.device, config.train.amp,
+                                                reporter, run.objective)
+                                 if run.val_loader else (run.objective, None))
+            result = FitResult([], 0, report, False, 0.0, probe_acc, objective=objective)
         else:
             writer = (EpochWriter(run, config, tensorboard=bool(folder and folder.tensorboard))
                       if distributed.is_main() else None)
@@ -98,7 +106,7 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
                 if writer is not None:
                     writer.close()
         test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test",
-                               objective=run.objective)
+                               objective=result.objective)
                 if run.test_loader else None)
         return save_trained(run, model, config, result, started, test_report=test)
 
@@ -139,15 +147,16 @@ def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], promp
 @dataclass
 class EvalResult:
     task_name: str
-    report: EvalReport
-    calibration: Calibration
+    report: EvalReport | MultiLabelReport
+    calibration: Calibration | None  # single-label tasks: of the top-1 confidence
     unknown_classes: list[str]
     skipped: list[tuple[str, str]]
     run_dir: Path
     files: dict[str, Path]  # what was written: metrics, confusion, reliability, predictions, report
+    objective: str = "single-label"  # the task type (vpt_cli.objectives)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task_name, **self.report.to_dict(), "ece": self.calibration.ece,
+        return {"task": self.task_name, "objective": self.objective, **self.report.to_dict(), **({"ece": self.calibration.ece} if self.calibration else {}),
                 "unknown_classes": self.unknown_classes,
                 "skipped": [{"file": f, "reason": r} for f, r in self.skipped], "run_dir": str(self.run_dir),
                 "files": {key: str(path) for key, path in self.files.items()}}
@@ -155,10 +164,12 @@ class EvalResult:
 
 def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
              device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
-             reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto") -> EvalResult:
+             reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto",
+             label_sep: str = ";") -> EvalResult:
     """Metrics of a task on DATA in any reader's format (vpt_cli.data.readers): class folders (or
     DATA/<split>), or one split of a CSV, VTAB lists or FGVC JSON (default test, else val).
-    Classes unknown to the task are reported.
+    Classes unknown to the task are reported. A multi-label task reads a CSV's label cells as
+    label sets (split by `label_sep`) and is scored at its stored thresholds (`_write_multilabel_files`).
 
     Writes a run folder (default `runs/eval/<task>` under the current folder, numbered `<task>2`,
     ... rather than overwriting; `output_dir` to choose one): metrics.json, confusion.csv,
@@ -171,7 +182,9 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
     loaded = load_for_inference(task, backbone_weights, device)
     classes = loaded.classes
-    samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format)
+    objective = loaded.task.info.new_objective()
+    samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format,
+                                                      LabelFormat(objective.multi_label, label_sep))
     size = decode_size(loaded.backbone.data_config)
     good, bad = validate_samples(samples, target=size)
     skipped = [(str(p), r) for p, r in skipped_files + bad]
@@ -180,10 +193,13 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     dataset = ImageDataset(good, build_transform(loaded.backbone.data_config, train=False),
                            partial(load_image, target=size))  # one pass: draft decoding, no cache
     loader = make_loader(dataset, batch_size, False, workers, 0, shard=distributed.shard())
-    found: list[tuple[int, SamplePrediction]] = []
-    objective = loaded.task.info.new_objective()
+    found: list[tuple[int, SamplePrediction | LabelSetPrediction]] = []
 
     def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if objective.multi_label:
+            found.extend((i, _label_set(str(good[i].path), classes, row, target, objective))
+                         for i, row, target in zip(indices.tolist(), logits, labels))
+            return
         confidence, predicted = objective.scores(logits).max(1)
         found.extend((i, SamplePrediction(str(good[i].path), classes[t], classes[p], c))
                      for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
@@ -191,18 +207,21 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep,
                             objective=objective)
     answers = [answer for _, answer in sorted(distributed.gather_lists(found), key=lambda pair: pair[0])]
-    counts = loaded.task.info.provenance.get("class_counts")
-    if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
-        report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
     skipped += distributed.gather_lists([(str(path), reason) for path, reason in loader.dataset.failures])
-    calibrated = calibration(torch.tensor([a.confidence for a in answers]),
-                             torch.tensor([a.true == a.predicted for a in answers]))
+    calibrated = None
+    if not objective.multi_label:
+        counts = loaded.task.info.provenance.get("class_counts")
+        if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
+            report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
+        calibrated = calibration(torch.tensor([a.confidence for a in answers]),
+                                 torch.tensor([a.true == a.predicted for a in answers]))
 
     def write() -> EvalResult:
         try:
             out = Path(output_dir) if output_dir else numbered_dir(Path("runs") / "eval", name)
-            result = EvalResult(name, report, calibrated, unknown, skipped, out, {})
-            _write_eval_files(result, answers, title=f"{name} on {Path(data).resolve().name}")
+            result = EvalResult(name, report, calibrated, unknown, skipped, out, {}, objective.name)
+            writer = _write_multilabel_files if objective.multi_label else _write_eval_files
+            writer(result, answers, title=f"{name} on {Path(data).resolve().name}")
         except OSError as exc:
             raise UsageError(f"cannot write the eval files to {output_dir or 'runs/eval'}: {exc.strerror or exc}") from None
         return result
@@ -234,11 +253,39 @@ def _write_eval_files(result: EvalResult, answers: list[SamplePrediction], title
     write_text(files["report"], page)
 
 
+def _label_set(file: str, classes: list[str], logits: torch.Tensor, target: torch.Tensor,
+               objective: Objective) -> LabelSetPrediction:
+    """One multi-label image's labels, answer (the classes at or over their threshold) and scores."""
+    scores = objective.scores(logits)
+    return LabelSetPrediction(file, [c for c, hot in zip(classes, target.tolist()) if hot],
+                              [name for name, _ in objective.answer(logits, classes, None)], scores.tolist(),
+                              float((target.to(scores.dtype) - scores).abs().sum()))
+
+
+def _write_multilabel_files(result: EvalResult, answers: list[LabelSetPrediction], title: str) -> None:
+    """A multi-label evaluation's run folder: metrics.json, predictions.csv (file, true and
+    predicted labels joined by ';', every class's score in the task's class order joined by ';'),
+    ap.png and report.html."""
+    out, files = result.run_dir, result.files
+    files.update({"metrics": out / "metrics.json", "ap_png": out / "ap.png", "predictions": out / "predictions.csv",
+                  "report": out / "report.html"})
+    render_ap_png(result.report, files["ap_png"], title=f"AP: {title}")
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["file", "true", "predicted", "scores"])
+    writer.writerows([a.file, ";".join(a.true), ";".join(a.predicted), ";".join(f"{s:.6f}" for s in a.scores)]
+                     for a in answers)
+    write_text(files["predictions"], table.getvalue())
+    write_text(files["metrics"], strict_json(result.to_dict()))
+    write_text(files["report"], render_multilabel_report_html(title=title, report=result.report, predictions=answers,
+                                                              images={"average precision per class": files["ap_png"]}))
+
+
 @dataclass
 class Prediction:
     file: str
     task: str
-    top: list[tuple[str, float]]  # (class, probability), best first
+    top: list[tuple[str, float]]  # (class, probability), best first; multi-label: the labels over threshold
 
 
 @dataclass
@@ -255,10 +302,14 @@ class PredictResult:
                                 for p in self.predictions],
                 "failures": [{"file": f, "reason": r} for f, r in self.failures]}
 
-def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int = 5, backbone_weights: str | None = None,
-            batch_size: int | None = None, device: str = "auto", workers: int | None = None, amp: bool = False,
-            reporter: Reporter | None = None, tasks_from: str | Path | None = None) -> PredictResult:
-    """Top-k classes of each task for image files, folders and globs; unreadable inputs are reported, not fatal.
+def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int | None = None,
+            backbone_weights: str | None = None, batch_size: int | None = None, device: str = "auto",
+            workers: int | None = None, amp: bool = False, reporter: Reporter | None = None,
+            tasks_from: str | Path | None = None) -> PredictResult:
+    """Each task's answer for image files, folders and globs; unreadable inputs are reported, not fatal.
+
+    The answer is the `top_k` classes, or without `top_k` the task's own: its 3 most probable
+    classes, or for a multi-label task every class whose sigmoid score reaches its threshold.
 
     Several tasks share every batch: each image is paired with each of its tasks (all of `task`,
     or its rows of the `tasks_from` CSV) and all pairs take one backbone pass. `batch_size`
@@ -302,7 +353,8 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
         if batch is not None:
             rows = torch.tensor([row for row, index in enumerate(indices) for _ in wanted[index]])
             task_index = torch.tensor([t for index in indices for t in wanted[index]])
-            answers = server.top_k(server.logits(batch[0][rows], task_index, amp), task_index, max(1, top_k))
+            answers = server.top_k(server.logits(batch[0][rows], task_index, amp), task_index,
+                                   None if top_k is None else max(1, top_k))
             pairs = [(index, t) for index in indices for t in wanted[index]]
             predictions += [Prediction(str(files[index]), server.names[t], top) for (index, t), top in zip(pairs, answers)]
             read += len(indices)
@@ -318,7 +370,7 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
 
 
 def save_labelled_images(result: PredictResult, save_dir: str | Path, force: bool = False) -> list[Path]:
-    """Each predicted image with its answers drawn above it (one line per task: top-k classes and
+    """Each predicted image with its answers drawn above it (one line per task: its classes and
     probabilities), as `<stem>.png` in `save_dir`; an existing file is kept unless `force`."""
     save_dir = Path(save_dir)
     by_file: dict[str, list[Prediction]] = {}
@@ -334,7 +386,7 @@ def save_labelled_images(result: PredictResult, save_dir: str | Path, force: boo
         target = save_dir / f"{stem}.png"
         if target.exists() and not force:
             raise UsageError(f"{target} exists; pass --force to overwrite it")
-        lines = [f"{p.task}: " + ", ".join(f"{name} {prob:.2f}" for name, prob in p.top) for p in predictions]
+        lines = [f"{p.task}: " + (", ".join(f"{name} {prob:.2f}" for name, prob in p.top) or "none") for p in predictions]
         try:
             render_labelled_image(load_image(Path(file)), lines, target)
         except OSError as exc:
@@ -366,12 +418,20 @@ def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | 
 
 
 def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[str, str]:
-    """What a user of the exported file needs without vpt-cli: task names and classes (in
-    `task_index` order for a bundle) and the preprocessing (size, mean, std, interpolation, crop)."""
+    """What a user of the exported file needs without vpt-cli: task names, classes, whether each
+    task is multi-label (sigmoid scores, a class is present at or over its threshold) and its
+    thresholds (null for single-label tasks: softmax), in `task_index` order for a bundle; and
+    the preprocessing (size, mean, std, interpolation, crop)."""
     config = backbone.data_config
+
+    def per_task(values: list[Any]) -> str:
+        return json.dumps(values[0] if len(values) == 1 else values)
+
     return {
         "vpt_tasks": json.dumps(names),
-        "classes": json.dumps(infos[0].classes if len(infos) == 1 else [info.classes for info in infos]),
+        "classes": per_task([info.classes for info in infos]),
+        "multi_label": per_task([info.new_objective().multi_label for info in infos]),
+        "thresholds": per_task([info.thresholds for info in infos]),
         "image_size": str(backbone.img_size),
         "mean": json.dumps(list(config["mean"])),
         "std": json.dumps(list(config["std"])),

@@ -76,10 +76,12 @@ class TaskInfo:
     provenance: dict[str, Any] = field(default_factory=dict)  # data, split, seed, config, versions
     format_version: int = FORMAT_VERSION
     objective: str = SingleLabel.name  # the task type (vpt_cli.objectives); files from before it are single-label
+    thresholds: list[float] | None = None  # multi-label tasks: each class's score threshold, in [0, 1]
 
     def new_objective(self) -> Objective:
-        """The task type this task answers with (inference needs no class balance: it shapes training only)."""
-        return objective_class(self.objective)()
+        """The task type this task answers with, with its stored thresholds (inference needs no
+        class balance or loss: they shape training only)."""
+        return objective_class(self.objective).from_task(self.thresholds)
 
 
 @dataclass
@@ -225,7 +227,18 @@ def _check_info(raw: Any) -> TaskInfo:
     for name, check in checks.items():
         if name in raw:
             check(raw[name])
+    _check_thresholds(raw.get("thresholds"), objective_class(raw.get("objective", SingleLabel.name)), len(raw["classes"]))
     return TaskInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def _check_thresholds(thresholds: Any, objective: type[Objective], classes: int) -> None:
+    """A multi-label task has one threshold in [0, 1] per class; other task types have none."""
+    if not objective.multi_label:
+        _require(thresholds is None, f"thresholds are only for multi-label tasks, not {objective.name}")
+        return
+    _require(isinstance(thresholds, list) and len(thresholds) == classes
+             and all(_is_number(t) and 0.0 <= t <= 1.0 for t in thresholds),
+             f"thresholds must be {classes} numbers in [0, 1], one per class")
 
 
 def _check_data_config(config: Any) -> None:

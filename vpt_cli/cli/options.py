@@ -1,6 +1,7 @@
 """Options that several commands share, declared once; their shown defaults are read from the config dataclasses."""
 from __future__ import annotations
 
+from dataclasses import fields
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
@@ -13,6 +14,7 @@ from vpt_cli.config import (
     BALANCES,
     DATA_FORMATS,
     DEVICES,
+    LOSSES,
     METHODS,
     OPTIMIZERS,
     POOLS,
@@ -59,6 +61,10 @@ Balance = choices("Balance", BALANCES)
 
 
 PromptInit = choices("PromptInit", PROMPT_INITS)
+
+
+
+Loss = choices("Loss", LOSSES)
 
 
 
@@ -138,7 +144,8 @@ TrainvalOpt = Annotated[Optional[bool], typer.Option(
 
 BalanceOpt = Annotated[Optional[Balance], typer.Option(
     "--balance", help="Unequal class counts: reweight (inverse-frequency loss weights), resample (class-balanced "
-    f"batches), logit-adjust (Menon et al. 2021, see --tau). {shown_default(DEFAULTS.train.balance)}")]
+    "batches), logit-adjust (Menon et al. 2021, see --tau). Multi-label tasks: any but none weighs each class's "
+    f"positives by its negatives/positives ratio; resample is refused. {shown_default(DEFAULTS.train.balance)}")]
 
 
 
@@ -148,7 +155,8 @@ TauOpt = Annotated[Optional[float], typer.Option(
 
 
 ShotsOpt = Annotated[Optional[int], typer.Option(
-    "--shots", help=f"Keep K training images per class, drawn per class with --seed. {shown_default('all')}")]
+    "--shots", help="Keep K training images per class, drawn per class with --seed (multi-label: at least K "
+    f"positives per class). {shown_default('all')}")]
 
 
 
@@ -225,6 +233,31 @@ DevicesOpt = Annotated[Optional[str], typer.Option(
     "--devices", help="Data-parallel over several devices: GPU ids (0,1; 3, for GPU 3 alone), a GPU count (4) "
     "or cpu:N (N CPU processes); starts this command under torchrun, one process per device. "
     "--batch-size stays the global batch.")]
+
+
+
+def config_option(section: str, name: str) -> Any:
+    """The Typer option of a config field whose `metadata` holds its flag and help (the help shows
+    the dataclass default)."""
+    field = next(f for f in fields(getattr(DEFAULTS, section)) if f.name == name)
+    default = getattr(getattr(DEFAULTS, section), name)
+    return typer.Option(field.metadata["flag"], help=f"{field.metadata['help']} "
+                        f"{shown_default(repr(default) if isinstance(default, str) else default)}")
+
+
+MultiLabelOpt = Annotated[Optional[bool], config_option("data", "multi_label")]
+
+
+
+LabelSepOpt = Annotated[Optional[str], config_option("data", "label_sep")]
+
+
+
+LossOpt = Annotated[Optional[Loss], config_option("train", "loss")]
+
+
+
+ThresholdOpt = Annotated[Optional[float], config_option("train", "threshold")]
 
 
 

@@ -38,7 +38,10 @@ from vpt_cli.cli.options import (
     ForceOpt,
     ImgSizeOpt,
     JsonOpt,
+    LabelSepOpt,
+    LossOpt,
     Method,
+    MultiLabelOpt,
     Optimizer,
     Pool,
     ProjectOpt,
@@ -51,6 +54,7 @@ from vpt_cli.cli.options import (
     TaskNameOpt,
     TauOpt,
     TensorboardOpt,
+    ThresholdOpt,
     TrainDeviceOpt,
     TrainvalOpt,
     WorkersOpt,
@@ -85,14 +89,16 @@ def _common_overrides(*, data: Path, backbone: Optional[str], backbone_weights: 
                       backbone_arg: list[str], img_size: Optional[int], method: Optional[Enum], epochs: Optional[int],
                       seed: Optional[int], device: Optional[Enum], workers: Optional[int],
                       data_format: Optional[Enum], trainval: Optional[bool], shots: Optional[int],
-                      balance: Optional[Enum], tau: Optional[float]) -> dict[str, Any]:
+                      balance: Optional[Enum], tau: Optional[float], multi_label: Optional[bool],
+                      label_sep: Optional[str], loss: Optional[Enum], threshold: Optional[float]) -> dict[str, Any]:
     """Config overrides from the options `train` and `sweep` share (None: not given, YAML wins)."""
     return {
         "data.path": str(data), "backbone.name": backbone, "backbone.weights": path_text(backbone_weights),
         "backbone.img_size": img_size, "backbone.kwargs": _parse_backbone_args(backbone_arg) or None,
         "prompt.method": choice_value(method), "train.epochs": epochs, "train.seed": seed, "train.device": choice_value(device),
         "data.workers": workers, "data.format": choice_value(data_format), "data.trainval": trainval, "data.shots": shots,
-        "train.balance": choice_value(balance), "train.tau": tau,
+        "train.balance": choice_value(balance), "train.tau": tau, "data.multi_label": multi_label,
+        "data.label_sep": label_sep, "train.loss": choice_value(loss), "train.threshold": threshold,
     }
 
 
@@ -109,6 +115,10 @@ def train(
     shots: ShotsOpt = None,
     balance: BalanceOpt = None,
     tau: TauOpt = None,
+    multi_label: MultiLabelOpt = None,
+    label_sep: LabelSepOpt = None,
+    loss: LossOpt = None,
+    threshold: ThresholdOpt = None,
     method: Annotated[Optional[Method], typer.Option(help=METHOD_HELP + " " + shown_default(DEFAULTS.prompt.method))] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help=f"Prompt tokens per layer. {shown_default(f'auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, 1 at 56 px with 14 px')}")] = None,
     prompt_dropout: Annotated[Optional[float], typer.Option(help=f"Dropout on prompt tokens. {shown_default(DROPOUT_DEFAULTS)}")] = None,
@@ -152,7 +162,8 @@ def train(
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
                                       seed=seed, device=device, workers=workers, data_format=data_format,
-                                      trainval=trainval, shots=shots, balance=balance, tau=tau)
+                                      trainval=trainval, shots=shots, balance=balance, tau=tau,
+                                      multi_label=multi_label, label_sep=label_sep, loss=loss, threshold=threshold)
         overrides.update({
             "prompt.num_prompts": prompts, "prompt.dropout": prompt_dropout, "prompt.init": choice_value(prompt_init),
             "prompt.pool": choice_value(pool),
@@ -214,6 +225,10 @@ def sweep(
     shots: ShotsOpt = None,
     balance: BalanceOpt = None,
     tau: TauOpt = None,
+    multi_label: MultiLabelOpt = None,
+    label_sep: LabelSepOpt = None,
+    loss: LossOpt = None,
+    threshold: ThresholdOpt = None,
     seed: SeedOpt = None,
     device: TrainDeviceOpt = None,
     workers: WorkersOpt = None,
@@ -240,7 +255,8 @@ def sweep(
         overrides = _common_overrides(data=data, backbone=backbone, backbone_weights=backbone_weights,
                                       backbone_arg=backbone_arg, img_size=img_size, method=method, epochs=epochs,
                                       seed=seed, device=device, workers=workers, data_format=data_format,
-                                      trainval=None, shots=shots, balance=balance, tau=tau)
+                                      trainval=None, shots=shots, balance=balance, tau=tau,
+                                      multi_label=multi_label, label_sep=label_sep, loss=loss, threshold=threshold)
         run_config = load_config(config, overrides)
         lengths = [int(v) for v in _floats(prompts, "--prompts")] or [run_config.prompt.num_prompts]
         with LiveSweepTable(err, quiet=quiet) as live:

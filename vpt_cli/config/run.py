@@ -34,6 +34,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SELECTS = ("auto", "best", "last")
 DATA_FORMATS = ("auto", "folders", "csv", "vtab", "fgvc")  # vpt_cli.data.readers
 BALANCES = ("none", "reweight", "resample", "logit-adjust")  # vpt_cli.objectives.balance
+LOSSES = ("bce", "asl")  # multi-label tasks: vpt_cli.objectives.multi_label
+MAX_LABEL_SEP = 8
 # Below this, best-on-val is noise: top-1 on a val split of n images has a standard error near
 # 0.4/sqrt(n), several times the gap between late epochs, and the probe start it competes with
 # had its strength picked on the same split (README, "Defaults").
@@ -118,6 +120,13 @@ class DataConfig:
     format: str = "auto"  # auto | folders | csv | vtab | fgvc (vpt_cli.data.readers)
     trainval: bool = False  # list formats: train on train+val, score on test (the paper's final retrain)
     shots: int | None = None  # K training images per class (seeded, stratified); None = all
+    multi_label: bool = field(default=False, metadata={
+        "flag": "--multi-label/--single-label",
+        "help": "Read a CSV's 'label' column as several labels per image, split by --label-sep (a 'labels' "
+                "column always is); the task then scores each class on its own (README, \"Multi-label\")."})
+    label_sep: str = field(default=";", metadata={
+        "flag": "--label-sep",
+        "help": "What separates the labels in a multi-label cell, e.g. ' ' for fastai-style files."})
 
 
 @dataclass
@@ -136,6 +145,14 @@ class TrainConfig:
     select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
     balance: str = "logit-adjust"  # none | reweight | resample | logit-adjust (vpt_cli.objectives.balance; README "Long tail")
     tau: float = 1.0  # logit-adjust strength (Menon et al. 2021)
+    loss: str = field(default="bce", metadata={
+        "flag": "--loss",
+        "help": "Multi-label tasks: bce (binary cross-entropy on every class) or asl (timm's asymmetric loss, "
+                "Ridnik et al. 2021, which down-weights the many easy negatives)."})
+    threshold: float | None = field(default=None, metadata={
+        "flag": "--threshold",
+        "help": "Multi-label tasks: one score threshold in [0, 1] for every class, instead of one per class "
+                "tuned on val for that class's F1 (0.5 for a class without a val positive)."})
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -224,6 +241,12 @@ class RunConfig:
         if self.train.warmup_epochs is not None and self.train.warmup_epochs < 0:
             raise UsageError("train.warmup_epochs must be zero or positive")
         _check_choice("data.format", self.data.format, DATA_FORMATS)
+        _check_choice("train.loss", self.train.loss, LOSSES)
+        if self.train.threshold is not None and not 0.0 <= self.train.threshold <= 1.0:
+            raise UsageError(f"--threshold must be in [0, 1], not {self.train.threshold}")
+        sep = self.data.label_sep
+        if not isinstance(sep, str) or not 0 < len(sep) <= MAX_LABEL_SEP or any(c in sep for c in "\r\n\""):
+            raise UsageError(f"--label-sep must be 1 to {MAX_LABEL_SEP} characters without quotes or line breaks")
         if self.data.shots is not None and self.data.shots < 1:
             raise UsageError("--shots must be at least 1")
         if self.backbone.img_size is not None and self.backbone.img_size < 8:

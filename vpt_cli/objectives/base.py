@@ -4,7 +4,7 @@ the server only call it; the task file names it (`objective`), so a task answers
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -12,15 +12,32 @@ from vpt_cli.core.errors import TaskError
 
 if TYPE_CHECKING:
     from vpt_cli.evaluation.metrics import EvalReport
+    from vpt_cli.evaluation.multilabel import MultiLabelReport
+
+    Report = EvalReport | MultiLabelReport
 
 # (class name, score), best first: one task's answer for one image.
 Answer = list[tuple[str, float]]
 
 
 class Objective:
-    """The interface every task type implements; `name` is what task files store."""
+    """The interface every task type implements; `name` is what task files store, `multi_label`
+    whether an image may be of several classes (its targets are then multi-hot rows), and
+    `score_columns` the names results.csv gives a val report's `score` and `second_score`."""
 
     name: ClassVar[str]
+    multi_label: ClassVar[bool] = False
+    score_columns: ClassVar[tuple[str, str]] = ("val_acc", "val_balanced_acc")
+    score_name: ClassVar[str] = "acc"  # what the probe's val score is, in the run log
+
+    @classmethod
+    def from_task(cls, thresholds: list[float] | None) -> "Objective":
+        """The objective a task file's fields describe, for inference (training-only settings left out)."""
+        return cls()
+
+    def task_thresholds(self) -> list[float] | None:
+        """What the task file stores as `thresholds` (None: this task type has none)."""
+        return None
 
     def loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """The training loss of a batch: its mean, or with `reduction` "sum" the numerator of
@@ -47,16 +64,38 @@ class Objective:
         """What the probe's L2 strength is picked by on val (higher is better)."""
         raise NotImplementedError
 
-    def selection_key(self, report: "EvalReport") -> tuple[float, float]:
+    def selection_key(self, report: "Report") -> tuple[float, float]:
         """What best-epoch selection maximises, from a val report."""
         raise NotImplementedError
+
+    def accumulator(self, num_classes: int) -> Any:
+        """A fresh streaming metric accumulator (update / sum_across / report) for this task type."""
+        raise NotImplementedError
+
+    def report(self, logits: Tensor, targets: Tensor, classes: list[str], loss: float | None = None) -> "Report":
+        """The metrics of logits held in memory (what the accumulator gives after one update)."""
+        accumulator = self.accumulator(len(classes))
+        accumulator.update(logits, targets)
+        report = accumulator.report(classes)
+        report.loss = loss
+        return report
+
+    @property
+    def tunes_on_val(self) -> bool:
+        """Whether `tuned` learns anything from val logits after training."""
+        return False
+
+    def tuned(self, logits: Tensor, targets: Tensor) -> "Objective":
+        """This objective with what it tunes after training (multi-label thresholds) fitted to val logits."""
+        return self
 
     def scores(self, logits: Tensor) -> Tensor:
         """Per-class scores in [0, 1] of a (B, C) batch of logits."""
         raise NotImplementedError
 
-    def answer(self, logits: Tensor, classes: list[str], k: int) -> Answer:
-        """One image's answer from its (C,) logits over its task's `classes`."""
+    def answer(self, logits: Tensor, classes: list[str], k: int | None) -> Answer:
+        """One image's answer from its (C,) logits over its task's `classes`: the `k` best classes,
+        or with `k` None the task type's own answer (top 3; multi-label: every class over its threshold)."""
         raise NotImplementedError
 
 

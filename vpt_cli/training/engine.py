@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.core.errors import TrainingInterrupted
-from vpt_cli.evaluation.metrics import EvalReport, MetricAccumulator
+from vpt_cli.evaluation.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective, SingleLabel
 from vpt_cli.runtime import distributed
@@ -37,6 +37,7 @@ class FitResult:
     train_images_per_sec: float
     probe_val_acc: float | None = None
     selection: str = "best"  # which epoch was kept: "best" on val or "last"
+    objective: Objective = field(default_factory=SingleLabel)  # as the task answers: thresholds tuned on val
 
 
 def build_optimizer(model: PromptedViT, config: TrainConfig) -> torch.optim.Optimizer:
@@ -94,10 +95,10 @@ BatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: torch.device, amp: bool,
              reporter: Reporter, description: str = "eval", on_batch: BatchObserver | None = None,
              objective: Objective = SingleLabel()) -> EvalReport:
-    """Metrics of `model` over `loader` (streamed: logits are not all kept in memory; `on_batch`
-    sees each batch's outputs when a caller wants per-image answers)."""
+    """Metrics of `model` over `loader` under `objective` (streamed: single-label logits are not
+    all kept in memory; `on_batch` sees each batch's outputs when a caller wants per-image answers)."""
     model.eval()
-    accumulator = MetricAccumulator(len(classes))
+    accumulator = objective.accumulator(len(classes))
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
     for batch in loader:
         if batch is None:
@@ -114,6 +115,21 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: tor
     if distributed.world_size() > 1:
         accumulator.sum_across(distributed.sum_across)
     return accumulator.report(classes)
+
+
+def evaluate_tuned(model: nn.Module, loader: Iterable, classes: list[str], device: torch.device, amp: bool,
+                   reporter: Reporter, objective: Objective, description: str = "val") -> tuple[Objective, EvalReport]:
+    """(`objective` tuned on this split's logits, its report there): multi-label thresholds are
+    fitted to val after training; other objectives come back as they are, with `evaluate`'s report."""
+    if not objective.tunes_on_val:
+        return objective, evaluate(model, loader, classes, device, amp, reporter, description, objective=objective)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    report = evaluate(model, loader, classes, device, amp, reporter, description,
+                      on_batch=lambda *batch: kept.append(batch), objective=objective)
+    indices, logits, targets = (torch.cat(parts) for parts in zip(*kept)) if kept else (torch.empty(0),) * 3
+    logits, targets = distributed.gather_rows(indices.long(), logits, targets)
+    tuned = objective.tuned(logits, targets)
+    return tuned, tuned.report(logits, targets, classes, loss=report.loss)
 
 
 def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -268,9 +284,9 @@ class TrainingRun:
             self.best_state = self._snapshot()
         else:
             self.state["since_best"] += 1
-        stats = EpochStats(epoch, config.epochs, loss, acc, report.top1 if report else None,
+        stats = EpochStats(epoch, config.epochs, loss, acc, report.score if report else None,
                            report.loss if report else None, self.optimizer.param_groups[0]["lr"], speed,
-                           time.perf_counter() - started, is_best, report.balanced_accuracy if report else None)
+                           time.perf_counter() - started, is_best, report.second_score if report else None)
         self.history.append(stats)
         self.state.update(epoch=epoch, history=[asdict(h) for h in self.history])
         self.reporter.epoch_end(stats)
@@ -288,17 +304,22 @@ class TrainingRun:
                             scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
 
     def finish(self, stopped_early: bool) -> FitResult:
-        """Load the best weights into the model and score them on val once more."""
+        """Load the best weights into the model, tune what the objective tunes on val (multi-label
+        thresholds) and score them there once more."""
         self.model.load_task_state_dict(self.best_state)
-        best_report = self._score_val()
+        objective, best_report = self.objective, None
+        if self.val_loader:
+            objective, best_report = evaluate_tuned(self.model, self.val_loader, self.classes, self.device,
+                                                    self.config.amp, self.reporter, self.objective)
         start = self.state["probe_val_acc"]
-        if self.select_last and best_report and start is not None and best_report.top1 < start - LAST_EPOCH_WARNING_GAP:
-            self.reporter.log(f"warning: the last epoch scores {best_report.top1:.3f} on val, below the linear-probe "
-                              f"start's {start:.3f}; retry with a lower --lr, or --select best to keep the start")
+        if self.select_last and best_report and start is not None and best_report.score < start - LAST_EPOCH_WARNING_GAP:
+            self.reporter.log(f"warning: the last epoch scores {best_report.score:.3f} val {best_report.score_name}, "
+                              f"below the linear-probe start's {start:.3f}; retry with a lower --lr, or --select best "
+                              "to keep the start")
         speeds = [h.images_per_sec for h in self.history]
         return FitResult(self.history, self.state["best_epoch"], best_report, stopped_early,
                          sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"],
-                         "last" if self.select_last else "best")
+                         "last" if self.select_last else "best", objective)
 
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
