@@ -11,6 +11,7 @@ from conftest import tiny_config
 from vpt_cli import api
 from vpt_cli.artifact.schema import load_task, read_task_info
 from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, PromptConfig, RunConfig, TrainConfig, auto_num_prompts
+from vpt_cli.config.run import FULL_FINETUNE_LR
 from vpt_cli.models.backbones import create_backbone
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.serving.loading import load_for_inference
@@ -31,8 +32,8 @@ def test_full_finetune_groups_give_the_backbone_a_lower_lr(tiny_backbone):
     model = PromptedViT(tiny_backbone.model, 3, PromptConfig(method="full"))
     groups = {g["name"]: g for g in engine.build_optimizer(model, TrainConfig()).param_groups}
     assert len(groups["backbone"]["params"]) == sum(1 for _ in tiny_backbone.model.parameters())
-    assert groups["backbone"]["lr"] == engine.FULL_FINETUNE_LR
-    assert engine.FULL_FINETUNE_LR < groups["head"]["lr"] / 10
+    assert groups["backbone"]["lr"] == FULL_FINETUNE_LR
+    assert FULL_FINETUNE_LR < groups["head"]["lr"] / 10
     explicit = engine.build_optimizer(model, TrainConfig(lr=1e-4)).param_groups
     assert [g["lr"] for g in explicit if g["name"] == "backbone"] == [1e-4]
 

@@ -162,8 +162,9 @@ def test_train_run_folder_is_numbered_and_explains_its_lines(tiny_weights):
     args = yaml.safe_load((run / "args.yaml").read_text())
     unresolved = [f"{section}.{key}" for section, values in args.items() for key, value in values.items()
                   if value is None]
-    # null means "the backbone's own pooling" and "every image" there; everything else is concrete
-    assert unresolved == ["prompt.pool", "data.shots"]
+    assert unresolved == []  # what ran: the pooling by name, every image as 'all', the lr the default gave
+    assert args["prompt"]["pool"] == "token" and args["data"]["shots"] == "all"
+    assert args["train"]["lr"] == 1e-2 and args["prompt"]["num_prompts"] >= 1
     assert args["data"]["path"] == str(SAMPLE) and Path(args["backbone"]["weights"]).is_absolute()
     second = vpt("train", SAMPLE, "--task", "numbered", *tiny_flags(tiny_weights), "--epochs", "1", "--force",
                  "--img-size", "36")

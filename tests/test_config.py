@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from vpt_cli.config import RunConfig, load_config
+from vpt_cli.config.run import BackboneFacts
 from vpt_cli.core.errors import UsageError
 
 
@@ -45,8 +46,14 @@ def test_paper_defaults_and_resolved_values():
     config = load_config()
     assert config.backbone.name == "vit_base_patch16_224.augreg_in21k"
     assert config.prompt.method == "vpt-deep" and config.prompt.num_prompts is None  # auto
-    config.prompt.resolve_prompts(196)  # 224 px / 16 px patches: the paper's 10
-    assert config.prompt.num_prompts == 10
+    facts = BackboneFacts(name=config.backbone.name, num_patches=196, img_size=224, weights=None, own_pool="token")
+    resolved = config.resolve(facts, workers=2)
+    assert resolved.prompt.num_prompts == 10  # 224 px / 16 px patches: the paper's 10
+    assert config.prompt.num_prompts is None  # a new config: the given one is untouched
+    assert resolved.resolve(facts, workers=2) == resolved  # resolving what ran changes nothing
+    assert resolved.train.lr == 1e-2 and resolved.train.warmup_epochs == 3 and resolved.data.shots == "all"
+    full = load_config(None, {"prompt.method": "full"}).resolve(facts, workers=0)
+    assert full.train.lr == 2e-5 and full.prompt.num_prompts == 0  # a fine-tune's backbone lr; no prompts
     assert config.prompt.resolved_dropout == 0.1
     sgd = load_config(None, {"train.optimizer": "sgd", "train.batch_size": 64})
     assert sgd.train.resolved_lr() == pytest.approx(2.5 * 64 / 256)

@@ -17,6 +17,7 @@ from vpt_cli.artifact.home import tasks_dir
 from vpt_cli.artifact.schema import Task, TaskInfo, read_task_info, save_task
 from vpt_cli.cli.app import app
 from vpt_cli.config import POOLS, PromptConfig, RunConfig, TrainConfig, load_config
+from vpt_cli.config.run import BackboneFacts
 from vpt_cli.core.errors import UsageError
 from vpt_cli.export.exporter import export_model
 from vpt_cli.models.backbones import create_backbone
@@ -65,14 +66,15 @@ def test_each_pooling_matches_the_reference(global_pool, pool):
 
 
 def test_default_pooling_is_the_backbones_own_and_mae_tags_average():
+    def facts(name, own="token"):
+        return BackboneFacts(name=name, num_patches=196, img_size=224, weights=None, own_pool=own)
+
     config = PromptConfig()
-    config.resolve_pool("vit_base_patch16_224.augreg_in21k")
-    assert config.pool is None
-    config.resolve_pool("vit_base_patch16_224.mae")
-    assert config.pool == "avg"
-    chosen = PromptConfig(pool="token")
-    chosen.resolve_pool("vit_large_patch16_224.mae")
-    assert chosen.pool == "token"
+    assert config.resolve(facts("vit_base_patch16_224.augreg_in21k")).pool == "token"  # the backbone's own, by name
+    assert config.resolve(facts("deit_base_distilled_patch16_224", own=None)).pool is None  # no name for its own
+    assert config.resolve(facts("vit_base_patch16_224.mae")).pool == "avg"
+    assert PromptConfig(pool="token").resolve(facts("vit_large_patch16_224.mae")).pool == "token"
+    assert config.pool is None  # resolve returns a new config, the given one is untouched
 
 
 def test_mixed_batch_pools_each_task_its_own_way():

@@ -54,7 +54,7 @@ from vpt_cli.serving.tasks import load_tasks
 from vpt_cli.training.engine import FitResult, evaluate_tuned, fit
 from vpt_cli.training.engine import evaluate as run_evaluation
 from vpt_cli.training.outputs import EpochWriter, TrainResult, save_trained
-from vpt_cli.training.prepare import prepare_run
+from vpt_cli.training.prepare import check_run, prepare_run
 from vpt_cli.training.probe import probe_init_head
 from vpt_cli.training.resume import Checkpoint, run_settings, settings_config
 from vpt_cli.training.run_folder import CHECKPOINT_FILE, RunFolder, claim_task, default_task_name
@@ -77,15 +77,17 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
     reporter = distributed.main_reporter(reporter or Reporter())
     started = time.perf_counter()
     settings = run_settings(config)  # as given, before 'auto' values are resolved
+    splits = check_run(config)  # every refusal that needs no run folder, before one exists
     with claim_task(config, task, force=force, resume=resume, folder=folder) as claimed:
-        reporter.log(f"run folder {claimed.run_dir}")
         try:
-            run = prepare_run(config, claimed, reporter)
+            run = prepare_run(config, claimed, splits, reporter)
         except KeyboardInterrupt as exc:
             what = ("continue with --resume" if claimed.checkpoint.exists() and resume
                     else "nothing to resume; run the same command again")
             raise TrainingInterrupted(f"interrupted before training started: {what}",
                                       exit_code=getattr(exc, "exit_code", 130)) from None
+        reporter.log(f"run folder {claimed.run_dir}")
+        config = run.config  # resolved against the backbone: what runs
         model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
         if not config.prompt.info.trains_in_epochs:  # the linear probe: its fit is the whole run
             model.to(run.device)

@@ -7,10 +7,25 @@ Errors the user can fix end with one line on stderr and a documented exit code.
 from __future__ import annotations
 
 import typer
+import typer.core
 
 from vpt_cli import __version__
 from vpt_cli.cli import evaluate, export, predict, tasks, train
 from vpt_cli.cli.common import out
+
+
+def _flags_read_as_flags() -> None:
+    """Typer's rich help prints a type after every option, `<bool>` for flags too, which reads as
+    if --json or --help took a value: show no type for flags (options that take one keep it)."""
+    shown = typer.core.TyperOption.display_type_rich
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_read_as_flags()
 
 app = typer.Typer(
     name="vpt",

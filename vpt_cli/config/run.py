@@ -7,12 +7,13 @@ task file, so a result can always be traced back to exactly what produced it. No
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vpt_cli.config.fields import setting
 from vpt_cli.core.errors import UsageError
 from vpt_cli.methods import MethodInfo, get_method, method_names
 
@@ -43,28 +44,52 @@ MIN_VAL_PER_CLASS_TO_SELECT = 20
 ADAMW_PROMPT_LR = 1e-2
 ADAMW_HEAD_LR = 3e-3
 SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
+# A full fine-tune's backbone without --lr: pretrained weights need a far smaller step than a new head.
+FULL_FINETUNE_LR = 2e-5
+ALL_SHOTS = "all"  # data.shots: every training image
 
 
 @dataclass
 class BackboneConfig:
     """Which frozen ViT to prompt and where its weights come from."""
 
-    name: str = DEFAULT_BACKBONE
-    weights: str | None = None  # local safetensors/npz/pth file; None = timm's hub download
-    img_size: int | None = None  # None = the backbone's own pretrained size
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm constructor arguments
+    name: str = setting(DEFAULT_BACKBONE, flag="--backbone", help="timm model name with pretrained tag.")
+    weights: str | None = setting(None, flag="--backbone-weights", path=True, shown="timm's hub download",
+                                  help="Local backbone weights (.safetensors/.npz/.pth) instead of the hub download.")
+    img_size: int | None = setting(None, flag="--img-size", shown="the backbone's",
+                                   help="Input size in pixels; position embeddings are resampled.")
+    kwargs: dict[str, Any] = setting(flag="--backbone-arg", default_factory=dict, shown="none",
+                                     help="Extra timm constructor argument KEY=VALUE (repeatable), e.g. depth=2.")
+
+
+def _method_help() -> str:
+    return "; ".join(f"{get_method(name).name}: {get_method(name).summary}" for name in METHODS) + "."
+
+
+def _dropout_defaults() -> str:
+    return ", ".join(f"{get_method(name).default_dropout:g} {name}" for name in METHODS if get_method(name).prompts)
 
 
 @dataclass
 class PromptConfig:
     """What is trained: VPT-deep/shallow prompts, or a baseline (linear probe, full fine-tune)."""
 
-    method: str = "vpt-deep"
-    num_prompts: int | None = None  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
-    dropout: float | None = None  # None = the method's default (0.1 for vpt-deep, 0.0 otherwise)
-    proj_dim: int = 0  # >0 adds the optional Linear(proj_dim -> D) prompt projection
-    init: str = "tokens"  # tokens: patch tokens the backbone sees at each layer | uniform: the paper's random init
-    pool: str | None = None  # None = the backbone's own (avg for MAE tags) | token | avg | avg-patches | avg-prompts
+    method: str = setting("vpt-deep", flag="--method", choices=METHODS, help=_method_help())
+    num_prompts: int | None = setting(  # None = auto_num_prompts(patch tokens), resolved once the backbone is known
+        None, flag="--prompts", help="Prompt tokens per layer.",
+        shown=f"auto, {AUTO_PROMPT_FRACTION:.0%} of the patch tokens and at least 1: 10 at 224 px with 16 px patches, "
+        "1 at 56 px with 14 px")
+    dropout: float | None = setting(None, flag="--prompt-dropout", shown=_dropout_defaults(),
+                                    help="Dropout on prompt tokens.")
+    proj_dim: int = setting(0, help="A Linear(proj_dim -> width) prompt projection when > 0 (YAML only).")
+    init: str = setting("tokens", flag="--prompt-init", choices=PROMPT_INITS, help=(
+        f"How prompts start: tokens (patch tokens the frozen backbone sees at each layer, from {TOKEN_INIT_IMAGES} "
+        "training images) or uniform (the paper's random init)."))
+    pool: str | None = setting(
+        None, flag="--pool", choices=POOLS, shown=f"the backbone's own; avg for .{', .'.join(AVG_POOLED_TAGS)} tags",
+        help="How the last layer becomes features: token (the CLS output), avg (the mean of every token after the "
+        "prefix, prompts included, then fc_norm; MAE and MoCo v3 in the paper), avg-patches or avg-prompts (the mean "
+        "of those only).")
 
     @property
     def info(self) -> MethodInfo:
@@ -84,22 +109,32 @@ class PromptConfig:
             raise UsageError("prompt.num_prompts is 'auto' until resolve_prompts() has seen the backbone")
         return self.num_prompts
 
-    def resolve_prompts(self, num_patches: int) -> None:
-        """Fill in an 'auto' (None) prompt count for a backbone with `num_patches` patch tokens."""
-        if self.num_prompts is None:
-            self.num_prompts = auto_num_prompts(num_patches)
-
-    def resolve_pool(self, backbone_name: str) -> None:
-        """Fill in the pooling the reference uses for this checkpoint when none was asked for, so
-        the saved config (and the task file) records it: average pooling for MAE tags."""
-        if self.pool is None and backbone_name.partition(".")[2] in AVG_POOLED_TAGS:
-            self.pool = "avg"
+    def resolve(self, backbone: BackboneFacts) -> PromptConfig:
+        """A copy with the prompt count, dropout and pooling made concrete for `backbone`: 'auto'
+        prompts are auto_num_prompts of its patch tokens; no pooling asked for is the one the
+        reference uses for the checkpoint (avg for MAE tags), else the backbone's own by name."""
+        count = self.num_prompts if self.num_prompts is not None else auto_num_prompts(backbone.num_patches)
+        averaged = backbone.name.partition(".")[2] in AVG_POOLED_TAGS
+        return replace(self, num_prompts=count if self.info.prompts else (self.num_prompts or 0),
+                       dropout=self.resolved_dropout,
+                       pool=self.pool or ("avg" if averaged else backbone.own_pool))
 
     @property
     def resolved_dropout(self) -> float:
         if self.dropout is not None:
             return self.dropout
         return self.info.default_dropout
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What a run's 'auto' settings are resolved against, known once its backbone is built."""
+
+    name: str  # timm name with tag
+    num_patches: int
+    img_size: int
+    weights: str | None  # the local weights file (absolute), or None for timm's hub download
+    own_pool: str | None  # the backbone's own pooling by its POOLS name (None: it has none)
 
 
 def auto_num_prompts(num_patches: int) -> int:
@@ -113,49 +148,66 @@ def auto_num_prompts(num_patches: int) -> int:
 class DataConfig:
     """Where the images are and how they are split and augmented."""
 
-    path: str = ""
-    val_split: float = 0.1  # held-out fraction when DATA has no val/ folder
-    augment: str = "flip"  # none | flip | crop (random resized crop + flip)
-    workers: int | None = None  # None = auto
-    format: str = "auto"  # auto | folders | csv | vtab | fgvc (vpt_cli.data.readers)
-    trainval: bool = False  # list formats: train on train+val, score on test (the paper's final retrain)
-    shots: int | None = None  # K training images per class (seeded, stratified); None = all
-    multi_label: bool = field(default=False, metadata={
-        "flag": "--multi-label/--single-label",
-        "help": "Read a CSV's 'label' column as several labels per image, split by --label-sep (a 'labels' "
-                "column always is); the task then scores each class on its own (README, \"Multi-label\")."})
-    label_sep: str = field(default=";", metadata={
-        "flag": "--label-sep",
-        "help": "What separates the labels in a multi-label cell, e.g. ' ' for fastai-style files."})
+    path: str = setting("", help="The data: DATA on the command line.")
+    val_split: float = setting(0.1, flag="--val-split", help="Stratified held-out fraction when DATA has no val/ folder.")
+    augment: str = setting("flip", flag="--augment", choices=AUGMENTS,
+                           help="none, flip, or crop (random resized crop + flip).")
+    workers: int | None = setting(None, flag="--workers", shown="auto", help="Image decoding processes.")
+    format: str = setting("auto", flag="--data-format", choices=DATA_FORMATS,
+                          help="How to read DATA; auto picks by the files there.")
+    trainval: bool = setting(False, flag="--trainval/--no-trainval", help=(
+        "List formats: train on train+val (VTAB's train800val200) and score on test, the paper's final retrain."))
+    shots: int | str = setting(ALL_SHOTS, flag="--shots",
+                               help="Keep K training images per class, drawn per class with --seed (multi-label: "
+                               "at least K positives per class; README, \"Multi-label\").")
+    multi_label: bool = setting(False, flag="--multi-label/--single-label", help=(
+        "Read a CSV's 'label' column as several labels per image, split by --label-sep (a 'labels' column always "
+        "is); the task then scores each class on its own (README, \"Multi-label\")."))
+    label_sep: str = setting(";", flag="--label-sep", help=(
+        "What separates the labels in a multi-label cell, e.g. ' ' for fastai-style files."))
+
+    @property
+    def shot_count(self) -> int | None:
+        """K of --shots, or None for every training image."""
+        return None if self.shots in (ALL_SHOTS, None) else self.shots
 
 
 @dataclass
 class TrainConfig:
     """Optimisation. Defaults are tuned for small folders on a CPU; see README "Defaults"."""
 
-    epochs: int = 30
-    batch_size: int = 32
-    optimizer: str = "adamw"  # adamw (default) | sgd (the paper's recipe)
-    lr: float | None = None  # prompt learning rate; None = the optimizer's default
-    head_lr: float | None = None  # None = the optimizer's default
-    weight_decay: float = 1e-4
-    warmup_epochs: int | None = None  # None = a tenth of the epochs, as in the paper
-    head_init: str = "probe"  # probe: fit a linear probe on the initial features first
-    patience: int = 10  # epochs without val improvement before stopping; 0 = never stop early
-    select: str = "auto"  # best (on val) | last epoch | auto: best when val has MIN_VAL_PER_CLASS_TO_SELECT per class
-    balance: str = "logit-adjust"  # none | reweight | resample | logit-adjust (vpt_cli.objectives.balance; README "Long tail")
-    tau: float = 1.0  # logit-adjust strength (Menon et al. 2021)
-    loss: str = field(default="bce", metadata={
-        "flag": "--loss",
-        "help": "Multi-label tasks: bce (binary cross-entropy on every class) or asl (timm's asymmetric loss, "
-                "Ridnik et al. 2021, which down-weights the many easy negatives)."})
-    threshold: float | None = field(default=None, metadata={
-        "flag": "--threshold",
-        "help": "Multi-label tasks: one score threshold in [0, 1] for every class, instead of one per class "
-                "tuned on val for that class's F1 (0.5 for a class without a val positive)."})
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
+    epochs: int = setting(30, flag="--epochs", help="Training epochs.")
+    batch_size: int = setting(32, flag="--batch-size", help="Images per step.")
+    optimizer: str = setting("adamw", flag="--optimizer", choices=OPTIMIZERS,
+                             help="adamw (tuned for small folders) or sgd (the paper's recipe).")
+    lr: float | None = setting(None, flag="--lr", shown=f"{ADAMW_PROMPT_LR:g} adamw; {SGD_BASE_LR:g}*batch/256 sgd",
+                               help="Prompt learning rate.")
+    head_lr: float | None = setting(None, flag="--head-lr", shown=f"{ADAMW_HEAD_LR:g} adamw; = --lr sgd",
+                                    help="Head learning rate.")
+    weight_decay: float = setting(1e-4, flag="--weight-decay", help="Weight decay (head; all but head bias with sgd).")
+    warmup_epochs: int | None = setting(None, shown="a tenth of the epochs",
+                                        help="Linear warmup epochs, as in the paper (YAML only).")
+    head_init: str = setting("probe", choices=HEAD_INITS,
+                             help="probe: fit a linear probe on the initial features first; zeros (YAML only).")
+    patience: int = setting(10, flag="--patience", help=(
+        "Stop after this many epochs without val improvement (0: never; only when the best epoch is kept)."))
+    select: str = setting("auto", flag="--select", choices=SELECTS, help=(
+        "Which epoch becomes the task: best (on val, the probe's start included), last, or auto: best when val has "
+        f"at least {MIN_VAL_PER_CLASS_TO_SELECT} images per class, else last."))
+    balance: str = setting("logit-adjust", flag="--balance", choices=BALANCES, help=(
+        "Unequal class counts: reweight (inverse-frequency loss weights), resample (class-balanced batches), "
+        "logit-adjust (Menon et al. 2021, see --tau). Multi-label tasks: any but none weighs each class's positives by "
+        "its negatives/positives ratio; resample is refused."))
+    tau: float = setting(1.0, flag="--tau", help="Strength of --balance logit-adjust: logits + tau * log(class prior).")
+    loss: str = setting("bce", flag="--loss", choices=LOSSES, help=(
+        "Multi-label tasks: bce (binary cross-entropy on every class) or asl (timm's asymmetric loss, Ridnik et al. "
+        "2021, which down-weights the many easy negatives)."))
+    threshold: float | None = setting(None, flag="--threshold", shown="tuned per class on val", help=(
+        "Multi-label tasks: one score threshold in [0, 1] for every class, instead of each class's own, tuned on "
+        "val for its F1 (0.5 for a class without a val positive)."))
+    seed: int = setting(0, flag="--seed", help="Seed for init, split and shuffling.")
+    device: str = setting("auto", flag="--device", choices=DEVICES, help="auto picks cuda, then mps, then cpu.")
+    amp: bool = setting(False, flag="--amp/--no-amp", help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -166,6 +218,12 @@ class TrainConfig:
         if self.head_lr is not None:
             return self.head_lr
         return ADAMW_HEAD_LR if self.optimizer == "adamw" else self.resolved_lr()
+
+    def resolve(self, trains_backbone: bool) -> TrainConfig:
+        """A copy with the learning rates and the warmup made concrete (a full fine-tune's
+        backbone, with no --lr, trains at FULL_FINETUNE_LR)."""
+        lr = self.lr if self.lr is not None else FULL_FINETUNE_LR if trains_backbone else self.resolved_lr()
+        return replace(self, lr=lr, head_lr=self.resolved_head_lr(), warmup_epochs=self.resolved_warmup())
 
     def resolved_warmup(self) -> int:
         return self.warmup_epochs if self.warmup_epochs is not None else self.epochs // 10
@@ -192,6 +250,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolve(self, backbone: BackboneFacts, workers: int) -> RunConfig:
+        """What runs, as a new config: every 'auto' value concrete for `backbone` and `workers`
+        decoding processes, and absolute paths. It is the run's args.yaml (reusable with --config
+        from any folder: resolving it again changes nothing) and the task file's record."""
+        return replace(
+            self, backbone=replace(self.backbone, weights=backbone.weights, img_size=backbone.img_size,
+                                   kwargs=dict(self.backbone.kwargs)),
+            prompt=self.prompt.resolve(backbone),
+            data=replace(self.data, path=str(Path(self.data.path).resolve()), workers=workers),
+            train=self.train.resolve(self.prompt.info.trains_backbone))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -247,8 +316,9 @@ class RunConfig:
         sep = self.data.label_sep
         if not isinstance(sep, str) or not 0 < len(sep) <= MAX_LABEL_SEP or any(c in sep for c in "\r\n\""):
             raise UsageError(f"--label-sep must be 1 to {MAX_LABEL_SEP} characters without quotes or line breaks")
-        if self.data.shots is not None and self.data.shots < 1:
-            raise UsageError("--shots must be at least 1")
+        shots = self.data.shots
+        if shots not in (ALL_SHOTS, None) and not (isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1):
+            raise UsageError(f"--shots must be at least 1 (or data.shots: {ALL_SHOTS}), not {shots!r}")
         if self.backbone.img_size is not None and self.backbone.img_size < 8:
             raise UsageError("--img-size must be at least 8")
         return self

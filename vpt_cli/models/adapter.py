@@ -83,6 +83,11 @@ class FamilyAdapter(ABC):
         """Final norm and pooling `pool` of the last layer's output, whose last `prompts` rows are
         prompt outputs (when pooling reads that far) -> (B, num_features) pre-logits."""
 
+    def own_pool_name(self) -> str | None:
+        """The backbone's own pooling by its name in config.POOLS, when it is one of them (a run's
+        args.yaml records it); None where it is none of them (DeiT's two-token average)."""
+        return None
+
     def enable_dynamic_size(self) -> int:
         """Let the model take any input size a multiple of the returned step, resampling its
         position embeddings in the forward (for a size-dynamic export); families that cannot,

@@ -26,10 +26,11 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from vpt_cli.config import BackboneConfig
+from vpt_cli.config.run import BackboneFacts
 from vpt_cli.core.errors import BackboneError, one_line
 from vpt_cli.models.adapter import FamilyAdapter
 from vpt_cli.models.checkpoints import StateDict, convert_checkpoint, model_tensors
-from vpt_cli.models.registry import adapter_for
+from vpt_cli.models.registry import adapter_for, supported_families, supported_modules
 
 HUB_HOST = "huggingface.co"
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
@@ -52,15 +53,50 @@ class Backbone:
     def img_size(self) -> int:
         return int(self.data_config["input_size"][-1])
 
+    @property
+    def facts(self) -> BackboneFacts:
+        """What a run's 'auto' settings resolve against (RunConfig.resolve)."""
+        return BackboneFacts(name=self.name, num_patches=self.adapter.num_patches, img_size=self.img_size,
+                             weights=self.weights, own_pool=self.adapter.own_pool_name())
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse, from the timm name alone (nothing is built), a model timm does not know or one of a
+    family no adapter handles: CNNs and CNN-transformer hybrids have no plain patch tokens."""
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise BackboneError(f"unknown timm model '{name}' (see `timm.list_models('vit_*')`)")
+    modules = supported_modules()
+    if not any(arch in timm.list_models(module=module) for module in modules):
+        raise BackboneError(
+            f"'{name}' is not a Vision Transformer of a supported family (CNNs and CNN-transformer hybrids have no "
+            f"patch tokens for prompts to join); supported: {', '.join(supported_families())} "
+            f"(timm modules {', '.join(modules)})")
+
+
+def check_weights_file(config: BackboneConfig) -> None:
+    """A --backbone-weights file that is missing, unreadable or of an unknown type is refused before
+    anything else happens (its tensors are read, and checked, when the backbone is built)."""
+    if not config.weights:
+        return
+    path = Path(config.weights)
+    if not path.is_file():
+        raise BackboneError(f"--backbone-weights file not found: {path}")
+    if not path.name.lower().endswith(WEIGHT_SUFFIXES):
+        raise BackboneError(f"unsupported weights file type '{path.suffix}' (use one of {', '.join(WEIGHT_SUFFIXES)})")
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise BackboneError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+
 
 def create_backbone(config: BackboneConfig, pretrained: bool = True) -> Backbone:
     """Build `config.name` with weights from `config.weights` or the hub, frozen, in eval mode.
 
     `pretrained=False` gives random weights (tests, and tiny models made on the spot).
     """
-    arch = config.name.split(".")[0]
-    if not timm.is_model(arch):
-        raise BackboneError(f"unknown timm model '{config.name}' (see `timm.list_models('vit_*')`)")
+    check_backbone_name(config.name)
     kwargs: dict[str, Any] = dict(config.kwargs, num_classes=0)
     if config.img_size:
         kwargs["img_size"] = config.img_size

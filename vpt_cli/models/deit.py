@@ -17,5 +17,8 @@ from vpt_cli.models.vit import ViTAdapter
 class DistilledViTAdapter(ViTAdapter):
     family = "deit-distilled"
 
+    def own_pool_name(self) -> str | None:
+        return None  # the mean of the CLS and distillation outputs, which no prompt.pool names
+
     def own_pooling_rows(self, length: int) -> int:
         return self.model.num_prefix_tokens

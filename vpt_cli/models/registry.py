@@ -37,6 +37,11 @@ def supported_families() -> list[str]:
     return sorted({adapter.family for adapter in _ADAPTERS.values()})
 
 
+def supported_modules() -> list[str]:
+    """The timm modules (e.g. vision_transformer, swin_transformer) whose classes have an adapter."""
+    return sorted({model_class.__module__.rpartition(".")[2] for model_class in _ADAPTERS})
+
+
 def adapter_class_for(model_class: type) -> type[FamilyAdapter] | None:
     """The adapter registered for `model_class` itself (subclasses may change the layout, so they
     must be registered on their own)."""

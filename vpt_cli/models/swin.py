@@ -60,6 +60,9 @@ class SwinAdapter(FamilyAdapter):
     def rows_read_by_pooling(self, length: int, pool: str | None) -> int:
         return length
 
+    def own_pool_name(self) -> str | None:
+        return "avg"  # the mean over every token, prompts included (vpt-method.md, Swin 5.)
+
     def pool(self, x: torch.Tensor, prompts: int, pool: str | None) -> torch.Tensor:
         x = self.model.norm(x)
         end = x.shape[1] - prompts

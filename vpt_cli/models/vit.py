@@ -64,6 +64,12 @@ class ViTAdapter(FamilyAdapter):
             return self.own_pooling_rows(length)
         return 1 if pool == "token" else length
 
+    def own_pool_name(self) -> str | None:
+        model = self.model
+        if getattr(model, "attn_pool", None) is not None:
+            return None
+        return {"token": "token", "avg": "avg"}.get(model.global_pool)
+
     def own_pooling_rows(self, length: int) -> int:
         """Rows the backbone's own `forward_head` reads: CLS alone, or everything."""
         model = self.model

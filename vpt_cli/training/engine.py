@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from vpt_cli.config import MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
+from vpt_cli.config.run import FULL_FINETUNE_LR, MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.core.errors import TrainingInterrupted
 from vpt_cli.evaluation.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
@@ -24,8 +24,6 @@ from vpt_cli.runtime.device import amp_dtype, autocast, rng_state, set_rng_state
 from vpt_cli.runtime.reporting import EpochStats, Reporter
 from vpt_cli.training.probe import probe_init_head
 from vpt_cli.training.resume import Checkpoint, check_same_settings
-
-FULL_FINETUNE_LR = 2e-5
 
 
 @dataclass

@@ -82,7 +82,7 @@ def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, pr
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
             "num_val": run.num_val, "seed": config.train.seed, "stores": config.prompt.info.stores,
             "class_counts": run.class_counts,
-            **({"shots": {"k": config.data.shots, "files": run.shot_files}} if run.shot_files is not None else {}),
+            **({"shots": {"k": config.data.shot_count, "files": run.shot_files}} if run.shot_files is not None else {}),
             "config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"vpt_cli": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},

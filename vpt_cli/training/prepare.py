@@ -6,7 +6,6 @@ same frozen backbone), so the folder is scanned and the backbone loaded only onc
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,15 @@ from vpt_cli.data import (
     make_loader,
     validate_samples,
 )
+from vpt_cli.data.splits import DatasetSplits
 from vpt_cli.evaluation.multilabel import FALLBACK_THRESHOLD
-from vpt_cli.models.backbones import Backbone, check_weights_reachable, create_backbone
+from vpt_cli.models.backbones import (
+    Backbone,
+    check_backbone_name,
+    check_weights_file,
+    check_weights_reachable,
+    create_backbone,
+)
 from vpt_cli.objectives import ClassBalance, MultiLabel, Objective, SingleLabel, positive_weights
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import pick_device, seed_everything
@@ -63,6 +69,10 @@ class PreparedRun:
     shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
     multi_label: bool = False  # several labels per image (a CSV's labels column)
 
+    def resolve(self, config: RunConfig) -> RunConfig:
+        """`config` (a variant of this run's, as given: a sweep's trial) resolved as this run's was."""
+        return config.resolve(self.backbone.facts, workers=self.config.data.workers)
+
     @property
     def objective(self) -> Objective:
         """What the run optimises: one label per image under its class balance, or several with
@@ -77,19 +87,32 @@ class PreparedRun:
                           tune=fixed is None)
 
 
-def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> PreparedRun:
-    """Scan and check the data, load the backbone and build the loaders for a claimed task."""
-    data_root = Path(config.data.path)
-    task_path, name = task.path, task.name
+def check_run(config: RunConfig) -> DatasetSplits:
+    """Every refusal that needs no run folder, made before one is made or anything is printed: the
+    settings, the backbone's family (from its timm name, before it is built), its weights (a
+    readable local file, or the hub reachable), and the data (its format and splits, --shots).
+    Returns the splits, which `prepare_run` then checks image by image."""
+    config.validate()
+    check_backbone_name(config.backbone.name)
     check_weights_reachable(config.backbone)
+    check_weights_file(config.backbone)
     seed_everything(config.train.seed)
-    splits = discover_splits(data_root, config.data.val_split, config.train.seed, data_format=config.data.format,
-                             trainval=config.data.trainval,
+    splits = discover_splits(Path(config.data.path), config.data.val_split, config.train.seed,
+                             data_format=config.data.format, trainval=config.data.trainval,
                              labels=LabelFormat(config.data.multi_label, config.data.label_sep))
     if splits.multi_label:
         _check_multi_label(config)
-    if config.data.shots is not None:
-        splits.train = few_shot(splits.train, config.data.shots, config.train.seed)
+    if config.data.shot_count is not None:
+        splits.train = few_shot(splits.train, config.data.shot_count, config.train.seed)
+    return splits
+
+
+def prepare_run(config: RunConfig, task: ClaimedTask, splits: DatasetSplits, reporter: Reporter) -> PreparedRun:
+    """Check the images of `splits` (from `check_run`), load the backbone, resolve the config
+    against it and build the loaders for a claimed task; the run folder gets args.yaml (the
+    resolved config: what runs) and skipped.txt."""
+    data_root = Path(config.data.path)
+    task_path, name = task.path, task.name
     backbone = create_backbone(config.backbone)  # first: its input size says how far large photos are drafted
     eval_size = decode_size(backbone.data_config)
     train_size = decode_size(backbone.data_config, train=True, augment=config.data.augment)
@@ -98,21 +121,19 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
     skipped = [(str(p), r) for p, r in splits.skipped + bad_train + bad_val]
     if not train_samples:
         raise DataError(f"no readable training images in {data_root}")
-    config.prompt.resolve_prompts(backbone.adapter.num_patches)  # the saved config records the count
-    config.prompt.resolve_pool(backbone.name)  # ... and the pooling
     patch = backbone.adapter.patch_size
     if backbone.img_size % patch:
         reporter.log(f"warning: the image size {backbone.img_size} is not a multiple of the {patch} px patch size: "
                      f"the last {backbone.img_size % patch} pixel rows and columns are never seen")
     run_dir = task.run_dir
+    workers = config.data.workers  # as given: None lets each loader pick its own count
+    config = config.resolve(backbone.facts, workers=workers if workers is not None else auto_workers(len(train_samples)))
     if distributed.is_main():
-        train_workers = config.data.workers if config.data.workers is not None else auto_workers(len(train_samples))
-        write_text(run_dir / "args.yaml", resolved_args(config, backbone, train_workers).to_yaml())
+        write_text(run_dir / "args.yaml", config.to_yaml())
         write_skipped(run_dir, skipped)
     if skipped:
         reporter.log(f"skipped {len(skipped)} unreadable or non-image files (listed in {run_dir / 'skipped.txt'})")
 
-    workers = config.data.workers
     batch = config.train.batch_size
     if min(batch, len(train_samples)) < distributed.world_size():
         raise UsageError(f"{distributed.world_size()} processes need a global batch of at least as many training "
@@ -141,7 +162,7 @@ def prepare_run(config: RunConfig, task: ClaimedTask, reporter: Reporter) -> Pre
                        skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader,
                        test_loader=test_loader,
                        class_counts=class_counts(train_samples, len(splits.classes)),
-                       shot_files=_relative(train_samples, data_root) if config.data.shots is not None else None,
+                       shot_files=_relative(train_samples, data_root) if config.data.shot_count is not None else None,
                        multi_label=splits.multi_label)
 
 
@@ -158,20 +179,3 @@ def _relative(samples: list[Sample], data_root: Path) -> list[str]:
     """Sample paths relative to DATA (to a list file's folder), so the record travels with the data."""
     base = data_root if data_root.is_dir() else data_root.parent
     return [os.path.relpath(sample.path, base) for sample in samples]
-
-
-def resolved_args(config: RunConfig, backbone: Backbone, workers: int) -> RunConfig:
-    """`config` with every value concrete (no null, no 'auto') and absolute paths: args.yaml,
-    reusable with --config from any folder."""
-    resolved = copy.deepcopy(config)
-    resolved.data.path = str(Path(config.data.path).resolve())
-    resolved.backbone.weights = backbone.weights
-    resolved.backbone.img_size = backbone.img_size
-    resolved.data.workers = workers
-    resolved.prompt.dropout = config.prompt.resolved_dropout
-    resolved.train.lr = config.train.resolved_lr()
-    resolved.train.head_lr = config.train.resolved_head_lr()
-    resolved.train.warmup_epochs = config.train.resolved_warmup()
-    return resolved
-
-

@@ -69,6 +69,8 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
     run_name = check_task_name(folder.name) if folder.name is not None else name
     exact = (Path(folder.project) / run_name).resolve()
 
+    made: list[Path] = []  # folders this claim created, innermost last: removed again if nothing worth keeping ran
+
     def claim(held: ExitStack) -> Path:
         held.enter_context(task_lock(path))
         if path.exists() and not force:
@@ -77,8 +79,12 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
         if resume:
             check_same_settings(Checkpoint(exact / CHECKPOINT_FILE).settings(), run_settings(config))
         remove_orphan_temp_files(path)
+        new_parents = [p for p in reversed(exact.parent.parents) if not p.exists()] + (
+            [] if exact.parent.exists() else [exact.parent])
         try:
+            before = exact.exists()
             run_dir = numbered_dir(exact.parent, run_name, exist_ok=resume or folder.exist_ok).resolve()
+            made.extend(new_parents + ([run_dir] if run_dir != exact or not before else []))
         except OSError as exc:
             raise UsageError(f"cannot make the run folder {exact}: {exc.strerror or exc}") from None
         for written in RUN_FILES:
@@ -87,7 +93,13 @@ def claim_task(config: RunConfig, task: str | None, force: bool, resume: bool = 
 
     with ExitStack() as held:
         scratch = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="vpt-decoded-")))
-        yield ClaimedTask(path=path, name=name, run_dir=distributed.from_main(lambda: claim(held)), scratch=scratch)
+        claimed = ClaimedTask(path=path, name=name, run_dir=distributed.from_main(lambda: claim(held)), scratch=scratch)
+        try:
+            yield claimed
+        except BaseException:
+            if not claimed.checkpoint.exists():  # refused or stopped before an epoch was saved: leave no trace
+                _remove_made(made)
+            raise
 
 
 
@@ -95,6 +107,18 @@ RUN_FILES = (CHECKPOINT_FILE, "best.safetensors", "last.safetensors", "args.yaml
              "skipped.txt", "sweep.csv")
 
 
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the run folder a failed claim made (only the run's own files in it) and the parents
+    it made, innermost first, where they are empty."""
+    for folder in reversed(made):
+        for written in RUN_FILES:
+            (folder / written).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # something else is in it: keep it
 
 
 def default_task_name(data: str | Path) -> str:

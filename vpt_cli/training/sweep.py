@@ -24,12 +24,13 @@ import torch
 from vpt_cli.config import RunConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.core.fileio import atomic_write
+from vpt_cli.data.splits import DatasetSplits
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.runtime.device import seed_everything
 from vpt_cli.runtime.reporting import Reporter
 from vpt_cli.training.engine import TrainingRun
 from vpt_cli.training.outputs import TrainResult, save_trained
-from vpt_cli.training.prepare import prepare_run
+from vpt_cli.training.prepare import check_run, prepare_run
 from vpt_cli.training.run_folder import ClaimedTask, RunFolder, claim_task
 
 CSV_FIELDS = ("index", "num_prompts", "lr", "weight_decay", "status", "epochs_run", "best_epoch", "val_top1",
@@ -166,19 +167,20 @@ def run_sweep(config: RunConfig, plan: SweepPlan, task: str | None = None, force
     if config.data.trainval:
         raise UsageError("vpt sweep searches on the val split; retrain the winner with vpt train --trainval")
     started = time.perf_counter()
+    splits = check_run(config)
     with claim_task(config, task, force=force, folder=folder) as claimed:
-        return _run_claimed(config, plan, claimed, reporter, started)
+        return _run_claimed(config, plan, claimed, splits, reporter, started)
 
 
-def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, reporter: SweepReporter,
-                 started: float) -> SweepResult:
+def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, splits: DatasetSplits,
+                 reporter: SweepReporter, started: float) -> SweepResult:
     deadline = started + plan.max_seconds if plan.max_seconds else math.inf
     quiet = Reporter()
-    prepared = prepare_run(config, claimed, quiet)
+    prepared = prepare_run(config, claimed, splits, quiet)
     if prepared.val_loader is None:
         raise UsageError("vpt sweep needs a validation split: add a val/ folder or use --val-split > 0")
     for trial in plan.trials:  # an 'auto' length is the count prepare_run resolved for this backbone
-        trial.num_prompts = trial.num_prompts or config.prompt.num_prompts
+        trial.num_prompts = trial.num_prompts or prepared.config.prompt.num_prompts
     runs: dict[int, TrainingRun] = {}
     starts: dict[int, tuple[dict[str, torch.Tensor], float | None]] = {}  # probe head per prompt length
 
@@ -189,7 +191,7 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, repor
         reporter.trials_changed(plan.trials)
         if trial.index not in runs:
             seed_everything(config.train.seed)  # every trial of one prompt length starts from the same prompts
-            trial_cfg = trial_config(config, trial)
+            trial_cfg = prepared.resolve(trial_config(config, trial))
             model = PromptedViT(prepared.backbone.model, len(prepared.classes), trial_cfg.prompt)
             run = TrainingRun(model, prepared.train_loader, prepared.val_loader, prepared.classes, trial_cfg.train,
                               prepared.device, quiet, objective=prepared.objective)
@@ -240,7 +242,7 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, repor
     reporter.trials_changed(plan.trials)
     winner = runs[best.index]
     result = winner.finish(stopped_early=winner.epoch < config.train.epochs)
-    saved = save_trained(prepared, winner.model, trial_config(config, best), result, started,
+    saved = save_trained(prepared, winner.model, prepared.resolve(trial_config(config, best)), result, started,
                              extra_provenance={"sweep": {"trials": len(plan.trials), "rungs": plan.rungs,
                                                          "eta": plan.eta, "budget": plan.budget_text,
                                                          "csv": str(csv_path)}})
