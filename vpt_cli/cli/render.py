@@ -140,7 +140,7 @@ def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> 
         console.print(f"no tasks yet in {safe(registry)} (train one with [bold]vpt train DATA --task NAME[/])")
         return
     table = Table(title=f"tasks in {safe(registry)}", title_justify="left")
-    for column in ("name", "method", "backbone", "img size", "classes", "val top-1", "size", "created"):
+    for column in ("name", "method", "backbone", "img size", "classes", "val top-1 | mAP", "size", "created"):
         table.add_column(column, no_wrap=column in ("name", "backbone"), overflow="fold")
     for entry in entries:
         size = f"{entry.path.stat().st_size / 1e3:.0f} KB"
@@ -148,7 +148,7 @@ def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> 
         if info is None:
             table.add_row(safe(entry.name), f"[red]unusable: {safe(entry.error)}[/]", "-", "-", "-", "-", size, "-")
             continue
-        top1 = info.metrics.get("val_top1")
+        top1 = info.metrics.get("val_top1", info.metrics.get("val_map"))  # a multi-label task: its val mAP
         prompts = info.prompt.get("num_prompts")
         method = info.prompt.get("method") + (f" ({prompts})" if info.prompt.get("method", "").startswith("vpt") else "")
         table.add_row(safe(entry.name), method, safe(info.backbone), str(info.img_size), str(len(info.classes)),

@@ -167,22 +167,27 @@ class MultiLabelAccumulator:
         self._scores: list[Tensor] = []
         self._targets: list[Tensor] = []
         self._loss_sum = 0.0
+        self._loss_samples = 0
 
     def update(self, logits: Tensor, targets: Tensor, loss_sum: float | None = None) -> None:
         """Add one batch of (B, C) logits and multi-hot targets (`loss_sum`: the batch's summed loss)."""
         self._scores.append(logits.detach().float().sigmoid().cpu())
         self._targets.append(targets.detach().cpu().to(torch.uint8))
-        self._loss_sum += float(loss_sum or 0.0)
+        if loss_sum is not None:
+            self._loss_sum += float(loss_sum)
+            self._loss_samples += len(targets)
 
     def sum_across(self, reduce: Callable[[Tensor], Tensor]) -> None:
         """Every process's rows (gathered: AP cannot be summed), the loss summed by `reduce`."""
         self._scores = [torch.cat(distributed.gather_lists(self._scores) or [torch.empty(0, len(self.thresholds))])]
         self._targets = [torch.cat(distributed.gather_lists(self._targets) or [torch.empty(0, len(self.thresholds))])]
-        self._loss_sum = float(reduce(torch.tensor([self._loss_sum], dtype=torch.float64))[0])
+        loss = reduce(torch.tensor([self._loss_sum, self._loss_samples], dtype=torch.float64))
+        self._loss_sum, self._loss_samples = float(loss[0]), int(loss[1])
 
     def report(self, classes: list[str]) -> MultiLabelReport:
+        """Metrics so far; the loss is the per-image mean, or None unless every image had one."""
         width = len(classes)
         scores = torch.cat(self._scores) if self._scores else torch.empty(0, width)
         targets = torch.cat(self._targets) if self._targets else torch.empty(0, width, dtype=torch.uint8)
-        loss = self._loss_sum / len(scores) if len(scores) else None
+        loss = self._loss_sum / len(scores) if len(scores) and self._loss_samples == len(scores) else None
         return multilabel_report(scores, targets, self.thresholds, classes, loss)

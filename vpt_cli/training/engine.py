@@ -143,7 +143,7 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
     for batch in loader:
         if batch is None and distributed.world_size() > 1:  # every process takes part in every step
-            batch = empty_batch(model)
+            batch = empty_batch(model, objective.multi_label)
         if batch is None:
             continue
         images, labels, _ = batch
@@ -167,11 +167,14 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed, 1e-9)
 
 
-def empty_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def empty_batch(model: nn.Module, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """No images, for a process whose whole share of a step failed to decode: it still steps
-    (adding nothing), as DDP needs every process in every gradient all-reduce."""
-    size = getattr(model, "module", model).backbone.patch_embed.img_size
-    return torch.zeros(0, 3, *size), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    (adding nothing), as DDP needs every process in every gradient all-reduce. Multi-label
+    targets are (0, classes) rows."""
+    inner = getattr(model, "module", model)
+    labels = (torch.zeros(0, inner.head.out_features, dtype=torch.long) if multi_label
+              else torch.zeros(0, dtype=torch.long))
+    return torch.zeros(0, 3, *inner.backbone.patch_embed.img_size), labels, torch.zeros(0, dtype=torch.long)
 
 
 # A last epoch this far below the probe start on val is more than small-split noise: say so.

@@ -18,6 +18,7 @@ from vpt_cli.config import RunConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.core.fileio import write_text
 from vpt_cli.evaluation.metrics import EvalReport
+from vpt_cli.evaluation.multilabel import MultiLabelReport
 from vpt_cli.evaluation.plots import render_history_png
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective
@@ -33,7 +34,7 @@ class TrainResult:
     task_path: Path
     task_name: str
     classes: list[str]
-    val_report: EvalReport | None
+    val_report: EvalReport | MultiLabelReport | None
     history: list[EpochStats]
     best_epoch: int  # the epoch kept as the task (0: the probe start), chosen by `selection`
     selection: str
@@ -48,7 +49,7 @@ class TrainResult:
     backbone_bytes: int
     run_dir: Path
     seconds: float
-    test_report: EvalReport | None = None  # --trainval: the test split, never used for selection
+    test_report: EvalReport | MultiLabelReport | None = None  # --trainval: the test split, never used for selection
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,8 +67,9 @@ class TrainResult:
 
 
 
-def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | None, provenance: dict[str, Any],
-              test_report: EvalReport | None = None, objective: Objective | None = None) -> TaskInfo:
+def task_info(run: PreparedRun, config: RunConfig, report: EvalReport | MultiLabelReport | None,
+              provenance: dict[str, Any], test_report: EvalReport | MultiLabelReport | None = None,
+              objective: Objective | None = None) -> TaskInfo:
     """What a task file made from this run says about itself (`test_report`: --trainval's test
     split, scored once and never selected on; `objective`: as tuned after training, default the
     run's own)."""
