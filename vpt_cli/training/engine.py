@@ -185,8 +185,8 @@ class TrainingRun:
     """One training run that advances an epoch at a time, keeping its best-on-val weights.
 
     `fit` drives one run to the end; a sweep (vpt_cli.training.sweep) interleaves many runs and stops the
-    hopeless ones between epochs. The best key is (val top-1, -val loss); the starting point
-    (the probe-initialised head) is a candidate too, so a run never ends below the probe on val.
+    hopeless ones between epochs. The best key is the objective's (val top-1, or mAP for
+    multi-label tasks, then -val loss); the starting point (the probe-initialised head) is a candidate too, so a run never ends below the probe on val.
     With `select` "last" (or "auto" and fewer than MIN_VAL_PER_CLASS_TO_SELECT val images per
     class) every epoch replaces the kept weights and nothing stops early: on such a val split the
     pick is noise, and it kept the untrained start on few-shot folders (README, "Defaults"); a
