@@ -360,3 +360,13 @@ def test_export_metadata_says_multi_label_and_carries_thresholds(trained):
     assert json.loads(bundle["thresholds"]) == [server.infos[0].thresholds, None]
     alone = api.export_metadata(server.names[:1], server.infos[:1], server.backbone)
     assert json.loads(alone["multi_label"]) is True and json.loads(alone["thresholds"]) == server.infos[0].thresholds
+
+
+def test_an_exported_multi_label_task_carries_its_thresholds(trained, tmp_path):
+    task = load_task(trained["multi"].task_path)
+    api.export(str(task.path), "torchscript", tmp_path / "colours.pt")
+    extra = {"multi_label.txt": "", "thresholds.txt": "", "classes.txt": ""}
+    torch.jit.load(str(tmp_path / "colours.pt"), _extra_files=extra)
+    assert json.loads(extra["multi_label.txt"]) is True
+    assert json.loads(extra["thresholds.txt"]) == task.info.thresholds
+    assert json.loads(extra["classes.txt"]) == task.info.classes
