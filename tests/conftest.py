@@ -1,6 +1,8 @@
 """Shared fixtures: tiny timm ViTs built locally (no hub), and an isolated task registry."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,9 @@ from vpt_cli.config import BackboneConfig
 from vpt_cli.models.backbones import create_backbone
 
 TINY_KWARGS = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch thread would only contend
+    torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> BackboneConfig:

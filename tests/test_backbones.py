@@ -93,11 +93,11 @@ def test_backbone_is_frozen_and_in_eval_mode(tiny_backbone):
 
 
 def test_non_vit_models_are_refused_before_weights_are_read(tmp_path):
-    with pytest.raises(BackboneError, match="ResNet .* not a supported backbone family; supported: .*vit"):
+    with pytest.raises(BackboneError, match="resnet18.* not a Vision Transformer of a supported family.*supported: .*vit"):
         create_backbone(BackboneConfig(name="resnet18"), pretrained=False)
     unreadable = tmp_path / "weights.safetensors"
     unreadable.write_bytes(b"not weights")  # reading it would fail with another message
-    with pytest.raises(BackboneError, match="not a supported backbone family"):
+    with pytest.raises(BackboneError, match="not a Vision Transformer of a supported family"):
         create_backbone(BackboneConfig(name="resnet18", weights=str(unreadable)))
 
 

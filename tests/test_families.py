@@ -296,7 +296,7 @@ def test_hybrids_are_refused_in_one_line_before_weights_are_read(tmp_path):
     unreadable = tmp_path / "weights.safetensors"
     unreadable.write_bytes(b"not weights")  # reading it would fail with another message
     hybrid = BackboneConfig(name="vit_small_r26_s32_224", weights=str(unreadable), kwargs=dict(depth=1))
-    with pytest.raises(BackboneError, match="HybridEmbed stem .* not supported"):
+    with pytest.raises(BackboneError, match="vit_small_r26_s32_224.* not a Vision Transformer .*CNN-transformer hybrids"):
         create_backbone(hybrid)
     result = CliRunner().invoke(app, ["train", str(SAMPLE), "--backbone", hybrid.name, "--backbone-arg", "depth=1",
                                       "--backbone-weights", str(unreadable)])

@@ -27,7 +27,8 @@ from vpt_cli.core.errors import DataError, TaskError, UsageError
 from vpt_cli.data import Sample, discover_splits, few_shot, read_eval_split
 from vpt_cli.data.lists import LabelFormat
 from vpt_cli.evaluation.multilabel import average_precision, mean_average_precision, multilabel_report, tune_thresholds
-from vpt_cli.objectives import ClassBalance, MultiLabel, positive_weights
+from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives.multi_label import MultiLabel, positive_weights
 from vpt_cli.serving.tasks import load_tasks
 from vpt_cli.training.run_folder import RunFolder
 

@@ -12,7 +12,9 @@ from test_artifact import make_task
 
 from vpt_cli.artifact.schema import load_task, read_task_info, save_task
 from vpt_cli.core.errors import TaskError
-from vpt_cli.objectives import ClassBalance, Objective, SingleLabel, objective_class, objective_names
+from vpt_cli.objectives import Objective, objective_class, objective_names
+from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives.single_label import SingleLabel
 
 
 def test_single_label_is_registered_and_is_the_default():

@@ -1,10 +1,15 @@
-"""What a task type optimises and reports: an `Objective` per task type, registered by name."""
-from vpt_cli.objectives.balance import ClassBalance
-from vpt_cli.objectives.base import Answer, Objective, objective_class, objective_names, register_objective
-from vpt_cli.objectives.single_label import SingleLabel  # registered first: the default task type
+"""What a task type optimises and reports: an `Objective` per task type (`single_label`,
+`multi_label`), listed by name in a registry that imports no torch (`base`); `balance` holds the
+class balance."""
+from vpt_cli.objectives.base import (
+    MULTI_LABEL,
+    SINGLE_LABEL,
+    Answer,
+    Objective,
+    is_multi_label,
+    objective_class,
+    objective_names,
+)
 
-# isort: split
-from vpt_cli.objectives.multi_label import MultiLabel, positive_weights
-
-__all__ = ["Answer", "ClassBalance", "MultiLabel", "Objective", "SingleLabel", "objective_class", "objective_names",
-           "positive_weights", "register_objective"]
+__all__ = ["MULTI_LABEL", "SINGLE_LABEL", "Answer", "Objective", "is_multi_label", "objective_class",
+           "objective_names"]

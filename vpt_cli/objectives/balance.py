@@ -69,7 +69,7 @@ class ClassBalance:
 
     def _loss(self, mode: str, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         if mode == "reweight":
-            return F.cross_entropy(logits, labels, weight=self.weights().to(logits.device), reduction=reduction)
+            return F.cross_entropy(logits, labels, weight=self.weights().to(logits), reduction=reduction)
         if mode == "logit-adjust":
-            return F.cross_entropy(logits + self.tau * self.log_prior().to(logits.device), labels, reduction=reduction)
+            return F.cross_entropy(logits + self.tau * self.log_prior().to(logits), labels, reduction=reduction)
         return F.cross_entropy(logits, labels, reduction=reduction)

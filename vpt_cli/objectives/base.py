@@ -4,13 +4,14 @@ the server only call it; the task file names it (`objective`), so a task answers
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
-
-from torch import Tensor
 
 from vpt_cli.core.errors import TaskError
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from vpt_cli.evaluation.metrics import EvalReport
     from vpt_cli.evaluation.multilabel import MultiLabelReport
 
@@ -99,24 +100,32 @@ class Objective:
         raise NotImplementedError
 
 
-_OBJECTIVES: dict[str, type[Objective]] = {}
+SINGLE_LABEL = "single-label"  # every task file from before objectives were stored is one
+MULTI_LABEL = "multi-label"
 
-
-def register_objective(kind: type[Objective]) -> type[Objective]:
-    """Class decorator: make a task type loadable by its `name`."""
-    if kind.name in _OBJECTIVES:
-        raise ValueError(f"objective {kind.name} is registered twice")
-    _OBJECTIVES[kind.name] = kind
-    return kind
+# Task type name -> (module, class, multi_label): a registry that needs no torch to list or check
+# names, or to know whether a task file must hold thresholds (the task-file validation and `vpt
+# tasks` use it); the class is imported when a task needs it.
+_OBJECTIVES: dict[str, tuple[str, str, bool]] = {
+    SINGLE_LABEL: ("vpt_cli.objectives.single_label", "SingleLabel", False),
+    MULTI_LABEL: ("vpt_cli.objectives.multi_label", "MultiLabel", True),
+}
 
 
 def objective_names() -> tuple[str, ...]:
     return tuple(_OBJECTIVES)
 
 
+def is_multi_label(name: str) -> bool:
+    """Whether the task type `name` (a registered one) gives an image several labels, without importing it."""
+    return _OBJECTIVES[name][2]
+
+
 def objective_class(name: str) -> type[Objective]:
     """The task type a task file names; an unknown one is refused like any other bad field."""
-    try:
-        return _OBJECTIVES[name]
-    except (KeyError, TypeError):
-        raise TaskError(f"objective must be one of {', '.join(_OBJECTIVES)}, not {str(name)[:40]!r}") from None
+    if not isinstance(name, str) or name not in _OBJECTIVES:
+        raise TaskError(f"objective must be one of {', '.join(_OBJECTIVES)}, not {str(name)[:40]!r}")
+    module, cls, multi_label = _OBJECTIVES[name]
+    kind = getattr(importlib.import_module(module), cls)
+    assert kind.name == name and kind.multi_label == multi_label, f"{module}.{cls} is registered as {name} but calls itself {kind.name}"
+    return kind

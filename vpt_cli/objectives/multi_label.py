@@ -22,7 +22,7 @@ from vpt_cli.evaluation.multilabel import (
     tune_thresholds,
 )
 from vpt_cli.objectives.balance import ClassBalance
-from vpt_cli.objectives.base import Answer, Objective, register_objective
+from vpt_cli.objectives.base import MULTI_LABEL, Answer, Objective
 
 
 def positive_weights(balance: ClassBalance, num_images: int) -> tuple[float, ...] | None:
@@ -34,13 +34,12 @@ def positive_weights(balance: ClassBalance, num_images: int) -> tuple[float, ...
     return tuple((num_images - count) / max(count, 1) for count in balance.counts)
 
 
-@register_objective
 @dataclass(frozen=True)
 class MultiLabel(Objective):
     """`loss_kind` bce | asl; `pos_weight` one per class or None; `thresholds` one per class
     (empty: FALLBACK_THRESHOLD for each); `tune` whether `tuned` refits them on val."""
 
-    name: ClassVar[str] = "multi-label"
+    name: ClassVar[str] = MULTI_LABEL
     multi_label: ClassVar[bool] = True
     score_columns: ClassVar[tuple[str, str]] = ("val_map", "val_macro_f1")
     score_name: ClassVar[str] = "mAP"

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from vpt_cli.evaluation.metrics import MetricAccumulator
 from vpt_cli.objectives.balance import ClassBalance
-from vpt_cli.objectives.base import Answer, Objective, register_objective
+from vpt_cli.objectives.base import SINGLE_LABEL, Answer, Objective
 
 if TYPE_CHECKING:
     from vpt_cli.evaluation.metrics import EvalReport
@@ -19,12 +19,11 @@ if TYPE_CHECKING:
 DEFAULT_TOP_K = 3  # classes answered when no k is asked for
 
 
-@register_objective
 @dataclass(frozen=True)
 class SingleLabel(Objective):
     """Today's (and every older task file's) task type."""
 
-    name: ClassVar[str] = "single-label"
+    name: ClassVar[str] = SINGLE_LABEL
     balance: ClassBalance = field(default_factory=ClassBalance)
 
     def loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

@@ -18,7 +18,8 @@ from vpt_cli.config.run import FULL_FINETUNE_LR, MIN_VAL_PER_CLASS_TO_SELECT, TO
 from vpt_cli.core.errors import TrainingInterrupted
 from vpt_cli.evaluation.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.objectives import Objective, SingleLabel
+from vpt_cli.objectives import Objective
+from vpt_cli.objectives.single_label import SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import amp_dtype, autocast, rng_state, set_rng_state
 from vpt_cli.runtime.reporting import EpochStats, Reporter

@@ -39,7 +39,10 @@ from vpt_cli.models.backbones import (
     check_weights_reachable,
     create_backbone,
 )
-from vpt_cli.objectives import ClassBalance, MultiLabel, Objective, SingleLabel, positive_weights
+from vpt_cli.objectives import Objective
+from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives.multi_label import MultiLabel, positive_weights
+from vpt_cli.objectives.single_label import SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import pick_device, seed_everything
 from vpt_cli.runtime.reporting import Reporter

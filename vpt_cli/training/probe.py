@@ -10,12 +10,17 @@ from typing import Iterable
 import torch
 
 from vpt_cli.models.prompted import PromptedViT
-from vpt_cli.objectives import Objective, SingleLabel
+from vpt_cli.objectives import Objective
+from vpt_cli.objectives.single_label import SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import autocast
 from vpt_cli.runtime.reporting import Reporter
 
 PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: ties keep the smaller head
+# L-BFGS iterations of one fit: weakly regularised fits on separable features need a few hundred
+# to converge, and only a converged fit is the same whatever the thread or process count.
+PROBE_STEPS = 300
+PROBE_TIE = 1e-6  # val scores closer than this are equal (accuracies differ by at least 1/n when they differ)
 
 
 @torch.no_grad()  # not inference_mode: the probe fit needs autograd on these features
@@ -44,11 +49,17 @@ def extract_features(model: PromptedViT, loader: Iterable, device: torch.device,
 
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    weight_decay: float, steps: int = 100, objective: Objective = SingleLabel()) -> tuple[torch.Tensor, torch.Tensor]:
+                    weight_decay: float, steps: int = PROBE_STEPS, objective: Objective = SingleLabel()) -> tuple[torch.Tensor, torch.Tensor]:
     """Logistic regression (L2-regularised, L-BFGS): the linear probe's solution under the run's
-    objective: multinomial with its class balance, or one binary regression per class (multi-label)."""
-    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    objective: multinomial with its class balance, or one binary regression per class (multi-label).
+
+    Fitted in float64: in float32 a hundred L-BFGS steps amplify the last-bit differences of how
+    matrix products are summed (they change with the thread and process count) into a different
+    head, and every run after it then differs; in float64 they stay below float32's resolution.
+    Returns float32 tensors."""
+    features = features.double()
+    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -58,7 +69,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
         return loss
 
     optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return weight.detach().float(), bias.detach().float()
 
 
 def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
@@ -75,12 +86,13 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     val_x, val_y = extract_features(model, val_loader, device, amp, reporter) if val_loader else (None, None)
     num_classes = model.head.out_features
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn.
+    # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn;
+    # a score within PROBE_TIE of the best so far is a tie, so float noise cannot flip the pick.
     for decay in PROBE_WEIGHT_DECAYS if val_x is not None and len(val_x) else (1e-3,):
         weight, bias = fit_linear_head(train_x, train_y, num_classes, decay, objective=objective)
         score = (objective.probe_score(val_x @ weight.T + bias, val_y)
                  if val_x is not None and len(val_x) else 0.0)
-        if best is None or score > best[0]:
+        if best is None or score > best[0] + PROBE_TIE:
             best = (score, weight, bias)
     assert best is not None
     with torch.no_grad():
