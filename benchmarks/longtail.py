@@ -28,7 +28,6 @@ from _report import DEFAULT_WEIGHTS, machine_line, markdown_table, pin_malloc, w
 
 pin_malloc()
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from accuracy import CLASSES, FASHION, read_idx  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -39,7 +38,7 @@ from vpt_cli.evaluation.metrics import classification_report, shot_group_accurac
 from vpt_cli.models.backbones import create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
 from vpt_cli.objectives.balance import ClassBalance  # noqa: E402
-from vpt_cli.runtime.reporting import Reporter  # noqa: E402
+from vpt_cli.runtime.context import RunContext  # noqa: E402
 from vpt_cli.training.probe import extract_features, fit_linear_head  # noqa: E402
 
 BACKBONE = "vit_small_patch14_dinov2"
@@ -88,7 +87,7 @@ def linear_probes(data: Path, weights: str, size: int) -> dict[str, dict[str, fl
     test, _, _ = read_eval_split(data, splits.classes, "test")
     transform = build_transform(backbone.data_config, train=False)
     features = {name: extract_features(model, make_loader(ImageDataset(samples, transform), 64, False, 0, 0),
-                                       torch.device("cpu"), False, Reporter())
+                                       RunContext())
                 for name, samples in (("train", splits.train), ("test", test))}
     counts = [int((features["train"][1] == c).sum()) for c in range(len(splits.classes))]
     found = {}

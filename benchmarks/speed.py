@@ -39,7 +39,7 @@ from vpt_cli.artifact.schema import load_task  # noqa: E402
 from vpt_cli.config import BackboneConfig, PromptConfig, TrainConfig  # noqa: E402
 from vpt_cli.models.backbones import create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
-from vpt_cli.runtime.reporting import Reporter  # noqa: E402
+from vpt_cli.runtime.context import RunContext  # noqa: E402
 from vpt_cli.training.engine import build_optimizer, train_one_epoch, warmup_cosine  # noqa: E402
 
 METHODS = ("vpt-deep", "vpt-shallow", "linear", "full")
@@ -57,8 +57,7 @@ class MethodRun:
     def seconds_per_step(self, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
         """The engine's own epoch loop over `steps` copies of one batch."""
         _, _, images_per_sec = train_one_epoch(self.model, [(images, labels, None)] * steps, self.optimizer,
-                                               self.scheduler, torch.device("cpu"), False, self.scaler, Reporter(),
-                                               "speed")
+                                               self.scheduler, self.scaler, RunContext(), "speed")
         return len(images) / images_per_sec
 
 

@@ -11,7 +11,7 @@ from vpt_cli import api
 from vpt_cli.artifact.schema import load_task
 from vpt_cli.config import RunConfig, TrainConfig
 from vpt_cli.objectives.single_label import SingleLabel
-from vpt_cli.runtime.reporting import Reporter
+from vpt_cli.runtime.context import RunContext
 from vpt_cli.training import probe
 
 
@@ -62,7 +62,7 @@ def test_scores_within_the_tie_keep_the_stronger_l2(monkeypatch):
     features, labels = torch.randn(40, 8), torch.arange(40) % 2
     model = _Features(features, 2)
     batches = [(torch.arange(0, 40), labels, torch.arange(40))]
-    probe.probe_init_head(model, batches, batches, torch.device("cpu"), False, Reporter(), SingleLabel())
+    probe.probe_init_head(model, batches, batches, RunContext(), SingleLabel())
     strongest = fit(features, labels, 2, probe.PROBE_WEIGHT_DECAYS[0])
     assert kept == list(probe.PROBE_WEIGHT_DECAYS)
     assert torch.equal(model.head.weight.detach(), strongest[0])

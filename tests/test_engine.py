@@ -14,9 +14,10 @@ from vpt_cli.artifact.schema import load_task
 from vpt_cli.config import PromptConfig, RunConfig, TrainConfig
 from vpt_cli.core.errors import TaskError, Terminated, TrainingInterrupted
 from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.runtime.context import RunContext
 from vpt_cli.runtime.reporting import Reporter
 from vpt_cli.training import engine
-from vpt_cli.training.prepare import prepare_run
+from vpt_cli.training.prepare import check_run, prepare_run
 from vpt_cli.training.probe import fit_linear_head
 from vpt_cli.training.resume import Checkpoint
 from vpt_cli.training.run_folder import claim_task
@@ -90,12 +91,13 @@ def test_training_keeps_the_best_epoch_and_never_ends_below_the_probe(tiny_weigh
 def test_start_seeds_prompts_from_training_images_unless_uniform(tiny_weights, init):
     config = tiny_run(tiny_weights, epochs=1)
     config.prompt.init = init
+    splits = check_run(config)
     with claim_task(config, "start", force=True) as claimed:
-        run = prepare_run(config, claimed, Reporter())
-    model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
+        run = prepare_run(config, claimed, splits, Reporter())
+    model = PromptedViT(run.backbone.model, len(run.classes), run.config.prompt)
     paper_init = model.prompts.detach().clone()
-    engine.TrainingRun(model, run.train_loader, run.val_loader, run.classes, config.train, run.device,
-                       Reporter()).start(run.probe_loader)
+    engine.TrainingRun(model, run.train_loader, run.val_loader, run.classes, config.train,
+                       RunContext(run.device)).start(run.probe_loader)
     assert torch.equal(model.prompts, paper_init) == (init == "uniform")
 
 
@@ -207,8 +209,8 @@ def test_amp_trains_the_blocks_in_bfloat16_on_cpu(tiny_backbone, amp, dtype):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), torch.arange(4))] * 2
     before = model.prompts.detach().clone()
-    loss, _, _ = engine.train_one_epoch(model, batches, optimizer, scheduler, torch.device("cpu"), amp, scaler,
-                                        Reporter(), "epoch")
+    loss, _, _ = engine.train_one_epoch(model, batches, optimizer, scheduler, scaler,
+                                        RunContext(torch.device("cpu"), amp), "epoch")
     assert set(seen) == {dtype}  # autocast really ran (or really did not)
     assert loss == loss and not torch.equal(model.prompts, before)  # finite, and the prompts learned
     assert model.prompts.dtype == torch.float32  # master weights stay fp32

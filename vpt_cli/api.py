@@ -48,6 +48,7 @@ from vpt_cli.evaluation.report import (
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective
 from vpt_cli.runtime import distributed
+from vpt_cli.runtime.context import RunContext
 from vpt_cli.runtime.reporting import Reporter
 from vpt_cli.serving.loading import load_for_inference
 from vpt_cli.serving.tasks import load_tasks
@@ -88,13 +89,13 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
                                       exit_code=getattr(exc, "exit_code", 130)) from None
         reporter.log(f"run folder {claimed.run_dir}")
         config = run.config  # resolved against the backbone: what runs
+        context = RunContext(device=run.device, amp=config.train.amp, reporter=reporter)
         model = PromptedViT(run.backbone.model, len(run.classes), config.prompt)
         if not config.prompt.info.trains_in_epochs:  # the linear probe: its fit is the whole run
             model.to(run.device)
-            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, run.device, config.train.amp, reporter,
+            probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, context,
                                         run.objective)
-            objective, report = (evaluate_tuned(model, run.val_loader, run.classes, run.device, config.train.amp,
-                                                reporter, run.objective)
+            objective, report = (evaluate_tuned(model, run.val_loader, run.classes, context, run.objective)
                                  if run.val_loader else (run.objective, None))
             result = FitResult([], 0, report, False, 0.0, probe_acc, objective=objective)
         else:
@@ -102,12 +103,12 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
                       if distributed.is_main() else None)
             try:
                 result = fit(model, run.train_loader, run.val_loader, run.probe_loader, run.classes, config.train,
-                             run.device, claimed.checkpoint, reporter, resume=resume, settings=settings,
+                             context, claimed.checkpoint, resume=resume, settings=settings,
                              objective=run.objective, on_epoch=writer)
             finally:
                 if writer is not None:
                     writer.close()
-        test = (run_evaluation(model, run.test_loader, run.classes, run.device, config.train.amp, reporter, "test",
+        test = (run_evaluation(model, run.test_loader, run.classes, context, "test",
                                objective=result.objective)
                 if run.test_loader else None)
         return save_trained(run, model, config, result, started, test_report=test)
@@ -206,7 +207,7 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
         found.extend((i, SamplePrediction(str(good[i].path), classes[t], classes[p], c))
                      for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
 
-    report = run_evaluation(loaded.model, loader, classes, loaded.device, amp, reporter, on_batch=keep,
+    report = run_evaluation(loaded.model, loader, classes, RunContext(loaded.device, amp, reporter), on_batch=keep,
                             objective=objective)
     answers = [answer for _, answer in sorted(distributed.gather_lists(found), key=lambda pair: pair[0])]
     skipped += distributed.gather_lists([(str(path), reason) for path, reason in loader.dataset.failures])
@@ -442,3 +443,4 @@ def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[s
         "backbone": backbone.name,
         "input": "images: float32 (batch, 3, image_size, image_size), RGB in [0, 1] normalised by mean/std",
     }
+

@@ -10,7 +10,7 @@ import typer
 import typer.core
 
 from vpt_cli import __version__
-from vpt_cli.cli import evaluate, export, predict, tasks, train
+from vpt_cli.cli import evaluate, export, predict, serve, tasks, train
 from vpt_cli.cli.common import out
 
 
@@ -55,6 +55,7 @@ app.command()(train.sweep)
 app.command("eval")(evaluate.evaluate)
 app.command()(predict.predict)
 app.command()(export.export)
+app.command()(serve.serve)
 app.add_typer(tasks.tasks_app, name="tasks")
 
 

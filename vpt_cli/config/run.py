@@ -47,6 +47,7 @@ SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
 # A full fine-tune's backbone without --lr: pretrained weights need a far smaller step than a new head.
 FULL_FINETUNE_LR = 2e-5
 ALL_SHOTS = "all"  # data.shots: every training image
+TUNED = "tuned"  # train.threshold: each class's own, tuned on val (multi-label tasks)
 
 
 @dataclass
@@ -202,12 +203,17 @@ class TrainConfig:
     loss: str = setting("bce", flag="--loss", choices=LOSSES, help=(
         "Multi-label tasks: bce (binary cross-entropy on every class) or asl (timm's asymmetric loss, Ridnik et al. "
         "2021, which down-weights the many easy negatives)."))
-    threshold: float | None = setting(None, flag="--threshold", shown="tuned per class on val", help=(
+    threshold: float | str = setting(TUNED, flag="--threshold", shown="tuned per class on val", help=(
         "Multi-label tasks: one score threshold in [0, 1] for every class, instead of each class's own, tuned on "
         "val for its F1 (0.5 for a class without a val positive)."))
     seed: int = setting(0, flag="--seed", help="Seed for init, split and shuffling.")
     device: str = setting("auto", flag="--device", choices=DEVICES, help="auto picks cuda, then mps, then cpu.")
     amp: bool = setting(False, flag="--amp/--no-amp", help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
+
+    @property
+    def fixed_threshold(self) -> float | None:
+        """--threshold's one value for every class, or None: each class's own, tuned on val."""
+        return None if self.threshold == TUNED else float(self.threshold)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -311,8 +317,10 @@ class RunConfig:
             raise UsageError("train.warmup_epochs must be zero or positive")
         _check_choice("data.format", self.data.format, DATA_FORMATS)
         _check_choice("train.loss", self.train.loss, LOSSES)
-        if self.train.threshold is not None and not 0.0 <= self.train.threshold <= 1.0:
-            raise UsageError(f"--threshold must be in [0, 1], not {self.train.threshold}")
+        threshold = self.train.threshold
+        if threshold != TUNED and not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                       and 0.0 <= threshold <= 1.0):
+            raise UsageError(f"--threshold must be in [0, 1] (or train.threshold: {TUNED}), not {threshold!r}")
         sep = self.data.label_sep
         if not isinstance(sep, str) or not 0 < len(sep) <= MAX_LABEL_SEP or any(c in sep for c in "\r\n\""):
             raise UsageError(f"--label-sep must be 1 to {MAX_LABEL_SEP} characters without quotes or line breaks")

@@ -12,6 +12,7 @@ from vpt_cli.data.images import (
                                  MAX_ASPECT_RATIO,
                                  MAX_IMAGE_PIXELS,
                                  ImageLoadError,
+                                 decode_image_bytes,
                                  failure_reason,
                                  load_image,
                                  validate_samples,
@@ -26,7 +27,8 @@ from vpt_cli.data.transforms import build_transform, decode_size
 __all__ = [
     "DATA_FORMATS", "IMAGE_EXTENSIONS", "MAX_ASPECT_RATIO", "MAX_GLOB_ENTRIES", "MAX_IMAGE_PIXELS", "VAL_SPLIT_NAMES",
     "DecodeCache", "decode_size",
-    "DatasetSplits", "ImageDataset", "ImageLoadError", "LabelFormat", "Sample", "auto_workers", "build_transform", "class_counts",
-    "collate_skip_bad", "discover_splits", "failure_reason", "few_shot", "list_images", "load_image", "make_loader", "missing_positives",
+    "DatasetSplits", "ImageDataset", "ImageLoadError", "LabelFormat", "Sample", "auto_workers", "build_transform",
+    "class_counts", "collate_skip_bad", "decode_image_bytes", "discover_splits", "failure_reason", "few_shot",
+    "list_images", "load_image", "make_loader", "missing_positives",
     "read_eval_split", "read_task_requests", "scan_class_folders", "validate_samples",
 ]

@@ -2,6 +2,7 @@
 pixel is decoded, and every PIL failure turned into one ImageLoadError with a reason."""
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,15 @@ def load_image(path: Path, target: int | None = None) -> Image.Image:
     path = Path(path)
     with _pil_errors(path), Image.open(path) as image:
         _check_dimensions(path, image, target)
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def decode_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """`load_image` for bytes received over the network: the same caps, the same RGB result,
+    so a served image is answered exactly as `vpt predict` answers the same file."""
+    with _pil_errors(Path(name)), Image.open(io.BytesIO(data)) as image:
+        _check_dimensions(Path(name), image)
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
 

@@ -240,6 +240,7 @@ def _draw_panel(
     series: Sequence[Series],
     percent: bool,
     scale: int,
+    x_label: str = "epoch",
 ) -> None:
     """One line chart inside ``box`` (left, top, right, bottom), with ticks, grid and legend."""
     tick_font, title_font = _font(12 * scale), _font(15 * scale)
@@ -273,7 +274,7 @@ def _draw_panel(
         xx, _ = to_px(x, y_lo)
         draw.line((xx, py1, xx, py1 + 5 * scale), fill=MUTED, width=scale)
         draw.text((xx, py1 + 8 * scale), f"{x:.0f}", font=tick_font, fill=MUTED, anchor="ma")
-    draw.text(((px0 + px1) / 2, bottom), "epoch", font=tick_font, fill=MUTED, anchor="md")
+    draw.text(((px0 + px1) / 2, bottom), x_label, font=tick_font, fill=MUTED, anchor="md")
     draw.rectangle(plot, outline=MUTED, width=scale)
 
     for _, color, pts in series:
@@ -336,6 +337,17 @@ def render_history_png(history: list[dict], path: Path, probe_acc: float | None 
         draw, (half + margin, margin, width * scale - margin, height * scale - margin),
         "accuracy", accuracy, percent, scale,
     )
+    _save_png_atomic(image.resize((width, height), Image.Resampling.LANCZOS), path)
+
+
+def render_line_chart_png(series: Sequence[Series], path: Path, title: str, x_label: str) -> None:
+    """One line chart of any (x, y) series (a benchmark's latency against load, say), drawn like the
+    learning curves: twice the size, then downsampled."""
+    scale, width, height = 2, 720, 420
+    image = Image.new("RGB", (width * scale, height * scale), WHITE)
+    margin = 14 * scale
+    _draw_panel(ImageDraw.Draw(image), (margin, margin, width * scale - margin, height * scale - margin), title,
+                series, False, scale, x_label=x_label)
     _save_png_atomic(image.resize((width, height), Image.Resampling.LANCZOS), path)
 
 

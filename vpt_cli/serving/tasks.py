@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vpt_cli.artifact.home import resolve_task_path
-from vpt_cli.artifact.schema import TaskInfo, load_task
+from vpt_cli.artifact.schema import Task, TaskInfo, load_task
 from vpt_cli.core.errors import TaskError, UsageError
 from vpt_cli.data import build_transform
 from vpt_cli.models.backbones import Backbone
@@ -76,9 +76,13 @@ class TaskServer:
     def top_k(self, logits: torch.Tensor, task_index: torch.Tensor, k: int | None) -> list[TopK]:
         """Each row's answer under its own task's objective: the `k` best classes of that task, or
         with `k` None the task's own answer (multi-label: its classes over their thresholds)."""
-        logits, objectives = logits.cpu(), self.objectives
+        return self.top_k_each(logits, task_index, [k] * len(task_index))
+
+    def top_k_each(self, logits: torch.Tensor, task_index: torch.Tensor, ks: Sequence[int | None]) -> list[TopK]:
+        """`top_k` with its own `k` per row (requests in one served batch ask for different k)."""
+        objectives, logits = self.objectives, logits.cpu()
         return [objectives[task].answer(logits[row], self.infos[task].classes, k)
-                for row, task in enumerate(task_index.cpu().tolist())]
+                for row, (task, k) in enumerate(zip(task_index.cpu().tolist(), ks))]
 
     def predict(self, images: torch.Tensor | Sequence[Image.Image], tasks: str | Sequence[str],
                 top_k: int | None = None, amp: bool = False) -> list[TopK]:
@@ -105,24 +109,32 @@ def load_tasks(tasks: Sequence[str | Path], backbone_weights: str | None = None,
     if len(set(paths)) != len(paths):
         raise UsageError("the same task was given twice")
     first = load_for_inference(paths[0], backbone_weights, device)
-    models, infos = [first.model], [first.task.info]
-    for path in paths[1:]:
-        task = load_task(path)
-        _check_same_backbone(first.task.info, task.info)
-        models.append(task_model(first.backbone.model, task).to(first.device))
-        infos.append(task.info)
+    return server_for(first.backbone, first.device, [first.task, *(load_task(path) for path in paths[1:])])
+
+
+def server_for(backbone: Backbone, device: torch.device, tasks: Sequence[Task],
+               reference: TaskInfo | None = None) -> TaskServer:
+    """A TaskServer of `tasks` on an already loaded backbone; each must match `reference` (default:
+    the first task), so a live server can swap its task set without reloading the backbone."""
+    if not tasks:
+        raise UsageError("give at least one task")
+    reference = reference or tasks[0].info
+    for task in tasks:
+        check_same_backbone(reference, task.info)
+    models = [task_model(backbone.model, task).to(device) for task in tasks]
+    infos = [task.info for task in tasks]
     if len(models) > 1 and any(model.train_backbone for model in models):
         full = next(info.name for info, model in zip(infos, models) if model.train_backbone)
         raise TaskError(f"task '{full}' fine-tunes the whole backbone, so it cannot share one with other tasks")
     names = [info.name for info in infos]
     if len(set(names)) != len(names):
         raise UsageError(f"two task files share a name ({', '.join(names)}); rename one")
-    return TaskServer(names=names, infos=infos, backbone=first.backbone,
-                      model=MultiTaskViT(first.backbone.model, models).to(first.device), device=first.device,
-                      transform=build_transform(first.backbone.data_config, train=False))
+    return TaskServer(names=names, infos=infos, backbone=backbone,
+                      model=MultiTaskViT(backbone.model, models).to(device), device=device,
+                      transform=build_transform(backbone.data_config, train=False))
 
 
-def _check_same_backbone(reference: TaskInfo, other: TaskInfo) -> None:
+def check_same_backbone(reference: TaskInfo, other: TaskInfo) -> None:
     """Prompts only mean something on the backbone they were trained with: refuse any mismatch."""
     for what, mine, theirs in (("backbone", reference.backbone, other.backbone),
                                ("backbone weights fingerprint", reference.backbone_fingerprint, other.backbone_fingerprint),

@@ -21,8 +21,9 @@ from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective
 from vpt_cli.objectives.single_label import SingleLabel
 from vpt_cli.runtime import distributed
+from vpt_cli.runtime.context import RunContext
 from vpt_cli.runtime.device import amp_dtype, autocast, rng_state, set_rng_state
-from vpt_cli.runtime.reporting import EpochStats, Reporter
+from vpt_cli.runtime.reporting import EpochStats
 from vpt_cli.training.probe import probe_init_head
 from vpt_cli.training.resume import Checkpoint, check_same_settings
 
@@ -91,11 +92,11 @@ BatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: torch.device, amp: bool,
-             reporter: Reporter, description: str = "eval", on_batch: BatchObserver | None = None,
-             objective: Objective = SingleLabel()) -> EvalReport:
+def evaluate(model: nn.Module, loader: Iterable, classes: list[str], context: RunContext, description: str = "eval",
+             on_batch: BatchObserver | None = None, objective: Objective = SingleLabel()) -> EvalReport:
     """Metrics of `model` over `loader` under `objective` (streamed: single-label logits are not
     all kept in memory; `on_batch` sees each batch's outputs when a caller wants per-image answers)."""
+    device, amp, reporter = context.device, context.amp, context.reporter
     model.eval()
     accumulator = objective.accumulator(len(classes))
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
@@ -116,15 +117,15 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], device: tor
     return accumulator.report(classes)
 
 
-def evaluate_tuned(model: nn.Module, loader: Iterable, classes: list[str], device: torch.device, amp: bool,
-                   reporter: Reporter, objective: Objective, description: str = "val") -> tuple[Objective, EvalReport]:
+def evaluate_tuned(model: nn.Module, loader: Iterable, classes: list[str], context: RunContext, objective: Objective,
+                   description: str = "val") -> tuple[Objective, EvalReport]:
     """(`objective` tuned on this split's logits, its report there): multi-label thresholds are
     fitted to val after training; other objectives come back as they are, with `evaluate`'s report."""
     if not objective.tunes_on_val:
-        return objective, evaluate(model, loader, classes, device, amp, reporter, description, objective=objective)
+        return objective, evaluate(model, loader, classes, context, description, objective=objective)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    report = evaluate(model, loader, classes, device, amp, reporter, description,
-                      on_batch=lambda *batch: kept.append(batch), objective=objective)
+    report = evaluate(model, loader, classes, context, description, on_batch=lambda *batch: kept.append(batch),
+                      objective=objective)
     indices, logits, targets = (torch.cat(parts) for parts in zip(*kept)) if kept else (torch.empty(0),) * 3
     logits, targets = distributed.gather_rows(indices.long(), logits, targets)
     tuned = objective.tuned(logits, targets)
@@ -132,12 +133,13 @@ def evaluate_tuned(model: nn.Module, loader: Iterable, classes: list[str], devic
 
 
 def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, amp: bool,
-                    scaler: torch.amp.GradScaler, reporter: Reporter, description: str,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    context: RunContext, description: str,
                     objective: Objective = SingleLabel()) -> tuple[float, float, float]:
     """One pass over `loader` under the run's objective; returns (mean loss, accuracy, images
     per second), over all processes when `model` is data-parallel (each then steps on its share
     of every global batch)."""
+    device, amp, reporter = context.device, context.amp, context.reporter
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
@@ -195,8 +197,10 @@ class TrainingRun:
     """
 
     def __init__(self, model: PromptedViT, train_loader: Any, val_loader: Any | None, classes: list[str],
-                 config: TrainConfig, device: torch.device, reporter: Reporter, settings: dict[str, Any] | None = None,
+                 config: TrainConfig, context: RunContext, settings: dict[str, Any] | None = None,
                  objective: Objective = SingleLabel()):
+        device, reporter = context.device, context.reporter
+        self.context = context
         self.model, self.train_loader, self.val_loader = model.to(device), train_loader, val_loader
         self.objective = objective
         self.classes, self.config, self.device, self.reporter = classes, config, device, reporter
@@ -204,7 +208,7 @@ class TrainingRun:
         steps_per_epoch = max(1, len(train_loader))
         schedule = warmup_cosine(config.epochs * steps_per_epoch, config.resolved_warmup() * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype(device) == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=context.amp and amp_dtype(device) == torch.float16)
         self.history: list[EpochStats] = []
         self.settings = settings or {}
         self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_key": None, "since_best": 0,
@@ -228,8 +232,8 @@ class TrainingRun:
                 images = sample_images(probe_loader.dataset, TOKEN_INIT_IMAGES).to(self.device)
                 self.model.init_prompts_from_tokens(images)
             if self.config.head_init == "probe":
-                self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.device,
-                                                              self.config.amp, self.reporter, self.objective)
+                self.state["probe_val_acc"] = probe_init_head(self.model, probe_loader, self.val_loader, self.context,
+                                                              self.objective)
         distributed.share_trained(self.model.task_state_dict())
         self.best_state = self._snapshot()
         start = self._score_val()
@@ -240,8 +244,7 @@ class TrainingRun:
         """The model's val report under the run's objective (None without a val split)."""
         if not self.val_loader:
             return None
-        return evaluate(self.model, self.val_loader, self.classes, self.device, self.config.amp, self.reporter, "val",
-                        objective=self.objective)
+        return evaluate(self.model, self.val_loader, self.classes, self.context, "val", objective=self.objective)
 
     def resume(self, checkpoint: Checkpoint) -> None:
         """Continue from `checkpoint` exactly where its epoch ended; it must have the same settings."""
@@ -275,9 +278,8 @@ class TrainingRun:
         epoch, config = self.epoch + 1, self.config
         started = time.perf_counter()
         self.trainer = self.trainer or distributed.wrap(self.model, self.device)
-        loss, acc, speed = train_one_epoch(self.trainer, self.train_loader, self.optimizer, self.scheduler, self.device,
-                                           config.amp, self.scaler, self.reporter, f"epoch {epoch}/{config.epochs}",
-                                           self.objective)
+        loss, acc, speed = train_one_epoch(self.trainer, self.train_loader, self.optimizer, self.scheduler,
+                                           self.scaler, self.context, f"epoch {epoch}/{config.epochs}", self.objective)
         report = self._score_val()
         key = self.objective.selection_key(report) if report else (float(epoch), 0.0)
         is_best = self.select_last or self.best_key is None or key > self.best_key
@@ -311,8 +313,8 @@ class TrainingRun:
         self.model.load_task_state_dict(self.best_state)
         objective, best_report = self.objective, None
         if self.val_loader:
-            objective, best_report = evaluate_tuned(self.model, self.val_loader, self.classes, self.device,
-                                                    self.config.amp, self.reporter, self.objective)
+            objective, best_report = evaluate_tuned(self.model, self.val_loader, self.classes, self.context,
+                                                    self.objective)
         start = self.state["probe_val_acc"]
         if self.select_last and best_report and start is not None and best_report.score < start - LAST_EPOCH_WARNING_GAP:
             self.reporter.log(f"warning: the last epoch scores {best_report.score:.3f} val {best_report.score_name}, "
@@ -325,8 +327,7 @@ class TrainingRun:
 
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
-        config: TrainConfig, device: torch.device, checkpoint: Checkpoint, reporter: Reporter,
-        resume: bool = False, settings: dict[str, Any] | None = None, objective: Objective = SingleLabel(),
+        config: TrainConfig, context: RunContext, checkpoint: Checkpoint, resume: bool = False, settings: dict[str, Any] | None = None, objective: Objective = SingleLabel(),
         on_epoch: Callable[["TrainingRun"], None] | None = None) -> FitResult:
     """Train with best-on-val selection, early stopping and a checkpoint after every epoch.
 
@@ -335,7 +336,8 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
     checkpoint must come from the same `settings`. `on_epoch(run)` follows every saved epoch (the
     run folder's best/last task files and results).
     """
-    run = TrainingRun(model, train_loader, val_loader, classes, config, device, reporter, settings, objective)
+    reporter = context.reporter
+    run = TrainingRun(model, train_loader, val_loader, classes, config, context, settings, objective)
     try:
         if resume:
             run.resume(checkpoint)

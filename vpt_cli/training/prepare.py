@@ -84,7 +84,7 @@ class PreparedRun:
         balance = ClassBalance(train.balance, tuple(self.class_counts), train.tau)
         if not self.multi_label:
             return SingleLabel(balance)
-        fixed = train.threshold  # None: tuned after training, FALLBACK_THRESHOLD until then
+        fixed = train.fixed_threshold  # None: tuned after training, FALLBACK_THRESHOLD until then
         return MultiLabel(loss_kind=train.loss, pos_weight=positive_weights(balance, self.num_train),
                           thresholds=(FALLBACK_THRESHOLD if fixed is None else fixed,) * len(self.classes),
                           tune=fixed is None)

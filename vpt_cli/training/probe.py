@@ -13,8 +13,8 @@ from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective
 from vpt_cli.objectives.single_label import SingleLabel
 from vpt_cli.runtime import distributed
+from vpt_cli.runtime.context import RunContext
 from vpt_cli.runtime.device import autocast
-from vpt_cli.runtime.reporting import Reporter
 
 PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: ties keep the smaller head
 # L-BFGS iterations of one fit: weakly regularised fits on separable features need a few hundred
@@ -24,10 +24,10 @@ PROBE_TIE = 1e-6  # val scores closer than this are equal (accuracies differ by 
 
 
 @torch.no_grad()  # not inference_mode: the probe fit needs autograd on these features
-def extract_features(model: PromptedViT, loader: Iterable, device: torch.device, amp: bool,
-                     reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: PromptedViT, loader: Iterable, context: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of the (prompted) backbone and labels for every batch, in fp32 on CPU; from
     every process in dataset order when the loader is sharded (so each fits the same probe)."""
+    device, amp, reporter = context.device, context.amp, context.reporter
     model.eval()
     features, labels, indices = [], [], []
     reporter.start("features", len(loader))
@@ -72,8 +72,8 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     return weight.detach().float(), bias.detach().float()
 
 
-def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None,
-                    device: torch.device, amp: bool, reporter: Reporter, objective: Objective = SingleLabel()) -> float | None:
+def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iterable | None, context: RunContext,
+                    objective: Objective = SingleLabel()) -> float | None:
     """Set the head to the best linear probe on the model's initial features (LP-then-tune).
 
     The probe's L2 strength is picked on the val split when there is one. Training then starts
@@ -82,8 +82,8 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     balanced accuracy, which is what balancing is for; for multi-label tasks by val mAP. Returns
     the probe's val score.
     """
-    train_x, train_y = extract_features(model, train_loader, device, amp, reporter)
-    val_x, val_y = extract_features(model, val_loader, device, amp, reporter) if val_loader else (None, None)
+    train_x, train_y = extract_features(model, train_loader, context)
+    val_x, val_y = extract_features(model, val_loader, context) if val_loader else (None, None)
     num_classes = model.head.out_features
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     # Ties go to the smaller (more regularised) head, whose logits leave the prompts room to learn;
@@ -98,5 +98,5 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     with torch.no_grad():
         model.head.weight.copy_(best[1])
         model.head.bias.copy_(best[2])
-    reporter.log(f"linear probe head: val {objective.score_name} {best[0]:.4f}")
+    context.reporter.log(f"linear probe head: val {objective.score_name} {best[0]:.4f}")
     return best[0] if val_x is not None and len(val_x) else None

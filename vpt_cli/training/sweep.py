@@ -26,6 +26,7 @@ from vpt_cli.core.errors import UsageError
 from vpt_cli.core.fileio import atomic_write
 from vpt_cli.data.splits import DatasetSplits
 from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.runtime.context import RunContext
 from vpt_cli.runtime.device import seed_everything
 from vpt_cli.runtime.reporting import Reporter
 from vpt_cli.training.engine import TrainingRun
@@ -194,7 +195,7 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, split
             trial_cfg = prepared.resolve(trial_config(config, trial))
             model = PromptedViT(prepared.backbone.model, len(prepared.classes), trial_cfg.prompt)
             run = TrainingRun(model, prepared.train_loader, prepared.val_loader, prepared.classes, trial_cfg.train,
-                              prepared.device, quiet, objective=prepared.objective)
+                              RunContext(prepared.device, trial_cfg.train.amp, quiet), objective=prepared.objective)
             run.start(prepared.probe_loader, starts.get(trial.num_prompts))
             starts.setdefault(trial.num_prompts, (run.best_state, run.state["probe_val_acc"]))
             runs[trial.index] = run
