@@ -27,6 +27,7 @@ from vpt_cli.core.errors import DataError, TaskError, UsageError
 from vpt_cli.data import Sample, discover_splits, few_shot, read_eval_split
 from vpt_cli.data.lists import LabelFormat
 from vpt_cli.evaluation.multilabel import average_precision, mean_average_precision, multilabel_report, tune_thresholds
+from vpt_cli.export.metadata import export_metadata
 from vpt_cli.objectives.balance import ClassBalance
 from vpt_cli.objectives.multi_label import MultiLabel, positive_weights
 from vpt_cli.serving.tasks import load_tasks
@@ -356,10 +357,10 @@ def test_mixed_single_and_multi_label_batches_equal_separate_runs(trained):
 def test_export_metadata_says_multi_label_and_carries_thresholds(trained):
     multi, single = str(trained["multi"].task_path), str(trained["single"].task_path)
     server = load_tasks([multi, single], device="cpu")
-    bundle = api.export_metadata(server.names, server.infos, server.backbone)
+    bundle = export_metadata(server.names, server.infos, server.backbone)
     assert json.loads(bundle["multi_label"]) == [True, False]
     assert json.loads(bundle["thresholds"]) == [server.infos[0].thresholds, None]
-    alone = api.export_metadata(server.names[:1], server.infos[:1], server.backbone)
+    alone = export_metadata(server.names[:1], server.infos[:1], server.backbone)
     assert json.loads(alone["multi_label"]) is True and json.loads(alone["thresholds"]) == server.infos[0].thresholds
 
 

@@ -5,8 +5,6 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import torch
 from vpt_cli.artifact.home import resolve_task_path, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.core.errors import DataError, PredictError, TrainingInterrupted, UsageError
-from vpt_cli.core.fileio import numbered_dir, strict_json, write_text
+from vpt_cli.core.fileio import numbered_dir
 from vpt_cli.data import (
     ImageDataset,
     LabelFormat,
@@ -36,15 +34,14 @@ from vpt_cli.data import (
     read_task_requests,
     validate_samples,
 )
-from vpt_cli.evaluation.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
-from vpt_cli.evaluation.multilabel import MultiLabelReport
-from vpt_cli.evaluation.plots import render_ap_png, render_confusion_png, render_labelled_image, render_reliability_png
+from vpt_cli.evaluation.files import EvalResult, write_eval_files, write_multilabel_files
+from vpt_cli.evaluation.metrics import calibration, shot_group_accuracy
+from vpt_cli.evaluation.plots import render_labelled_image
 from vpt_cli.evaluation.report import (
     LabelSetPrediction,
     SamplePrediction,
-    render_multilabel_report_html,
-    render_report_html,
 )
+from vpt_cli.export.metadata import export_metadata
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective
 from vpt_cli.runtime import distributed
@@ -147,24 +144,6 @@ def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], promp
                      folder=folder or RunFolder(project="runs/sweep"))
 
 
-@dataclass
-class EvalResult:
-    task_name: str
-    report: EvalReport | MultiLabelReport
-    calibration: Calibration | None  # single-label tasks: of the top-1 confidence
-    unknown_classes: list[str]
-    skipped: list[tuple[str, str]]
-    run_dir: Path
-    files: dict[str, Path]  # what was written: metrics, confusion, reliability, predictions, report
-    objective: str = "single-label"  # the task type (vpt_cli.objectives)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task_name, "objective": self.objective, **self.report.to_dict(), **({"ece": self.calibration.ece} if self.calibration else {}),
-                "unknown_classes": self.unknown_classes,
-                "skipped": [{"file": f, "reason": r} for f, r in self.skipped], "run_dir": str(self.run_dir),
-                "files": {key: str(path) for key, path in self.files.items()}}
-
-
 def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
              device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
              reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto",
@@ -200,7 +179,7 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
 
     def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         if objective.multi_label:
-            found.extend((i, _label_set(str(good[i].path), classes, row, target, objective))
+            found.extend((i, label_set(str(good[i].path), classes, row, target, objective))
                          for i, row, target in zip(indices.tolist(), logits, labels))
             return
         confidence, predicted = objective.scores(logits).max(1)
@@ -223,7 +202,7 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
         try:
             out = Path(output_dir) if output_dir else numbered_dir(Path("runs") / "eval", name)
             result = EvalResult(name, report, calibrated, unknown, skipped, out, {}, objective.name)
-            writer = _write_multilabel_files if objective.multi_label else _write_eval_files
+            writer = write_multilabel_files if objective.multi_label else write_eval_files
             writer(result, answers, title=f"{name} on {Path(data).resolve().name}")
         except OSError as exc:
             raise UsageError(f"cannot write the eval files to {output_dir or 'runs/eval'}: {exc.strerror or exc}") from None
@@ -232,57 +211,13 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     return distributed.from_main(write)
 
 
-def _write_eval_files(result: EvalResult, answers: list[SamplePrediction], title: str) -> None:
-    """Everything `evaluate` leaves in its run folder, report.html last (it embeds the pictures)."""
-    out, files = result.run_dir, result.files
-    files.update({"metrics": out / "metrics.json", "confusion_csv": out / "confusion.csv",
-                  "confusion_png": out / "confusion.png", "confusion_normalized_png": out / "confusion_normalized.png",
-                  "reliability_png": out / "reliability.png", "predictions": out / "predictions.csv",
-                  "report": out / "report.html"})
-    write_confusion_csv(result.report, files["confusion_csv"])
-    render_confusion_png(result.report, files["confusion_png"], title=title)
-    render_confusion_png(result.report, files["confusion_normalized_png"], title=title, normalized=True)
-    render_reliability_png(result.calibration, files["reliability_png"], title=f"Reliability: {title}")
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["file", "true", "predicted", "confidence"])
-    writer.writerows([a.file, a.true, a.predicted, f"{a.confidence:.6f}"] for a in answers)
-    write_text(files["predictions"], table.getvalue())
-    write_text(files["metrics"], strict_json(result.to_dict()))
-    page = render_report_html(title=title, report=result.report, calibration=result.calibration, predictions=answers,
-                              images={"confusion matrix": files["confusion_png"],
-                                      "confusion matrix, row percentages": files["confusion_normalized_png"],
-                                      "reliability": files["reliability_png"]})
-    write_text(files["report"], page)
-
-
-def _label_set(file: str, classes: list[str], logits: torch.Tensor, target: torch.Tensor,
+def label_set(file: str, classes: list[str], logits: torch.Tensor, target: torch.Tensor,
                objective: Objective) -> LabelSetPrediction:
     """One multi-label image's labels, answer (the classes at or over their threshold) and scores."""
     scores = objective.scores(logits)
     return LabelSetPrediction(file, [c for c, hot in zip(classes, target.tolist()) if hot],
                               [name for name, _ in objective.answer(logits, classes, None)], scores.tolist(),
                               float((target.to(scores.dtype) - scores).abs().sum()))
-
-
-def _write_multilabel_files(result: EvalResult, answers: list[LabelSetPrediction], title: str) -> None:
-    """A multi-label evaluation's run folder: metrics.json, predictions.csv (file, true and
-    predicted labels joined by ';', every class's score in the task's class order joined by ';'),
-    ap.png and report.html."""
-    out, files = result.run_dir, result.files
-    files.update({"metrics": out / "metrics.json", "ap_png": out / "ap.png", "predictions": out / "predictions.csv",
-                  "report": out / "report.html"})
-    render_ap_png(result.report, files["ap_png"], title=f"AP: {title}")
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["file", "true", "predicted", "scores"])
-    writer.writerows([a.file, ";".join(a.true), ";".join(a.predicted), ";".join(f"{s:.6f}" for s in a.scores)]
-                     for a in answers)
-    write_text(files["predictions"], table.getvalue())
-    write_text(files["metrics"], strict_json(result.to_dict()))
-    write_text(files["report"], render_multilabel_report_html(title=title, report=result.report, predictions=answers,
-                                                              images={"average precision per class": files["ap_png"]}))
-
 
 @dataclass
 class Prediction:
@@ -419,28 +354,4 @@ def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | 
     metadata = {**export_metadata(typed, infos, backbone), "dynamic_size": json.dumps(dynamic_size)}
     return export_model(model, backbone.img_size, fmt, target, metadata=metadata, dynamic_size=dynamic_size)
 
-
-def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[str, str]:
-    """What a user of the exported file needs without vpt-cli: task names, classes, whether each
-    task is multi-label (sigmoid scores, a class is present at or over its threshold) and its
-    thresholds (null for single-label tasks: softmax), in `task_index` order for a bundle; and
-    the preprocessing (size, mean, std, interpolation, crop)."""
-    config = backbone.data_config
-
-    def per_task(values: list[Any]) -> str:
-        return json.dumps(values[0] if len(values) == 1 else values)
-
-    return {
-        "vpt_tasks": json.dumps(names),
-        "classes": per_task([info.classes for info in infos]),
-        "multi_label": per_task([info.new_objective().multi_label for info in infos]),
-        "thresholds": per_task([info.thresholds for info in infos]),
-        "image_size": str(backbone.img_size),
-        "mean": json.dumps(list(config["mean"])),
-        "std": json.dumps(list(config["std"])),
-        "interpolation": str(config.get("interpolation", "bicubic")),
-        "crop_pct": str(config.get("crop_pct", 1.0)),
-        "backbone": backbone.name,
-        "input": "images: float32 (batch, 3, image_size, image_size), RGB in [0, 1] normalised by mean/std",
-    }
 

@@ -12,7 +12,8 @@ from vpt_cli.artifact.schema import TaskInfo
 from vpt_cli.core.safetext import safe
 
 if TYPE_CHECKING:  # result types only: `vpt tasks` renders without importing torch
-    from vpt_cli.api import EvalResult, PredictResult
+    from vpt_cli.api import PredictResult
+    from vpt_cli.evaluation.files import EvalResult
     from vpt_cli.training.outputs import TrainResult
     from vpt_cli.training.sweep import SweepResult, Trial
 
