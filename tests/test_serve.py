@@ -110,6 +110,8 @@ def test_mixed_concurrent_requests_share_forwards_and_equal_vpt_predict(served):
             assert result["error"] is None
             assert_same_as_predict(served, result["filename"] or IMAGES[4 + result["index"]].name, result["answers"])
     assert [len(a["top"]) for a in third.json()["results"][0]["answers"]] == [2]
+    # no top_k: each task's own answer, for a single-label task its 3 best classes (as vpt predict)
+    assert [len(a["top"]) for a in second.json()["results"][1]["answers"]] == [2, 3, 3]  # deep3 has 2 classes
     assert [[a["task"] for a in r["answers"]] for r in second.json()["results"]] == [["shallow5"],
                                                                                      ["deep3", "shallow5", "proj2"]]
     outputs = {o["name"]: o for o in infer.json()["outputs"]}

@@ -5,8 +5,6 @@ that the CLI renders (or that `--json` dumps). Nothing here prints; progress goe
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -19,9 +17,10 @@ import torch
 from vpt_cli.artifact.home import resolve_task_path, task_name_from
 from vpt_cli.config import RunConfig
 from vpt_cli.core.errors import DataError, PredictError, TrainingInterrupted, UsageError
-from vpt_cli.core.fileio import numbered_dir, strict_json, write_text
+from vpt_cli.core.fileio import numbered_dir
 from vpt_cli.data import (
     ImageDataset,
+    LabelFormat,
     Sample,
     auto_workers,
     build_transform,
@@ -35,16 +34,22 @@ from vpt_cli.data import (
     read_task_requests,
     validate_samples,
 )
-from vpt_cli.evaluation.metrics import Calibration, EvalReport, calibration, shot_group_accuracy, write_confusion_csv
-from vpt_cli.evaluation.plots import render_confusion_png, render_labelled_image, render_reliability_png
-from vpt_cli.evaluation.report import SamplePrediction, render_report_html
+from vpt_cli.evaluation.files import EvalResult, write_eval_files, write_multilabel_files
+from vpt_cli.evaluation.metrics import calibration, shot_group_accuracy
+from vpt_cli.evaluation.plots import render_labelled_image
+from vpt_cli.evaluation.report import (
+    LabelSetPrediction,
+    SamplePrediction,
+)
+from vpt_cli.export.metadata import export_metadata
 from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.objectives import Objective
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.context import RunContext
 from vpt_cli.runtime.reporting import Reporter
 from vpt_cli.serving.loading import load_for_inference
 from vpt_cli.serving.tasks import load_tasks
-from vpt_cli.training.engine import FitResult, fit
+from vpt_cli.training.engine import FitResult, evaluate_tuned, fit
 from vpt_cli.training.engine import evaluate as run_evaluation
 from vpt_cli.training.outputs import EpochWriter, TrainResult, save_trained
 from vpt_cli.training.prepare import check_run, prepare_run
@@ -87,10 +92,9 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
             model.to(run.device)
             probe_acc = probe_init_head(model, run.probe_loader, run.val_loader, context,
                                         run.objective)
-            report = (run_evaluation(model, run.val_loader, run.classes, context, "val",
-                                     objective=run.objective)
-                      if run.val_loader else None)
-            result = FitResult([], 0, report, False, 0.0, probe_acc)
+            objective, report = (evaluate_tuned(model, run.val_loader, run.classes, context, run.objective)
+                                 if run.val_loader else (run.objective, None))
+            result = FitResult([], 0, report, False, 0.0, probe_acc, objective=objective)
         else:
             writer = (EpochWriter(run, config, tensorboard=bool(folder and folder.tensorboard))
                       if distributed.is_main() else None)
@@ -102,7 +106,7 @@ def train(config: RunConfig, task: str | None = None, force: bool = False, resum
                 if writer is not None:
                     writer.close()
         test = (run_evaluation(model, run.test_loader, run.classes, context, "test",
-                               objective=run.objective)
+                               objective=result.objective)
                 if run.test_loader else None)
         return save_trained(run, model, config, result, started, test_report=test)
 
@@ -142,29 +146,14 @@ def sweep(config: RunConfig, lrs: list[float], weight_decays: list[float], promp
                      folder=folder or RunFolder(project="runs/sweep"))
 
 
-@dataclass
-class EvalResult:
-    task_name: str
-    report: EvalReport
-    calibration: Calibration
-    unknown_classes: list[str]
-    skipped: list[tuple[str, str]]
-    run_dir: Path
-    files: dict[str, Path]  # what was written: metrics, confusion, reliability, predictions, report
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task_name, **self.report.to_dict(), "ece": self.calibration.ece,
-                "unknown_classes": self.unknown_classes,
-                "skipped": [{"file": f, "reason": r} for f, r in self.skipped], "run_dir": str(self.run_dir),
-                "files": {key: str(path) for key, path in self.files.items()}}
-
-
 def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = None, batch_size: int = 64,
              device: str = "auto", workers: int | None = None, amp: bool = False, output_dir: str | Path | None = None,
-             reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto") -> EvalResult:
+             reporter: Reporter | None = None, *, split: str | None = None, data_format: str = "auto",
+             label_sep: str = ";") -> EvalResult:
     """Metrics of a task on DATA in any reader's format (vpt_cli.data.readers): class folders (or
     DATA/<split>), or one split of a CSV, VTAB lists or FGVC JSON (default test, else val).
-    Classes unknown to the task are reported.
+    Classes unknown to the task are reported. A multi-label task reads a CSV's label cells as
+    label sets (split by `label_sep`) and is scored at its stored thresholds (`_write_multilabel_files`).
 
     Writes a run folder (default `runs/eval/<task>` under the current folder, numbered `<task>2`,
     ... rather than overwriting; `output_dir` to choose one): metrics.json, confusion.csv,
@@ -177,7 +166,9 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     name = task_name_from(task)  # what the user typed (or the file's stem), never the file's metadata
     loaded = load_for_inference(task, backbone_weights, device)
     classes = loaded.classes
-    samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format)
+    objective = loaded.task.info.new_objective()
+    samples, skipped_files, unknown = read_eval_split(Path(data), classes, split, data_format,
+                                                      LabelFormat(objective.multi_label, label_sep))
     size = decode_size(loaded.backbone.data_config)
     good, bad = validate_samples(samples, target=size)
     skipped = [(str(p), r) for p, r in skipped_files + bad]
@@ -186,10 +177,13 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     dataset = ImageDataset(good, build_transform(loaded.backbone.data_config, train=False),
                            partial(load_image, target=size))  # one pass: draft decoding, no cache
     loader = make_loader(dataset, batch_size, False, workers, 0, shard=distributed.shard())
-    found: list[tuple[int, SamplePrediction]] = []
-    objective = loaded.task.info.new_objective()
+    found: list[tuple[int, SamplePrediction | LabelSetPrediction]] = []
 
     def keep(indices: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if objective.multi_label:
+            found.extend((i, label_set(str(good[i].path), classes, row, target, objective))
+                         for i, row, target in zip(indices.tolist(), logits, labels))
+            return
         confidence, predicted = objective.scores(logits).max(1)
         found.extend((i, SamplePrediction(str(good[i].path), classes[t], classes[p], c))
                      for i, t, p, c in zip(indices.tolist(), labels.tolist(), predicted.tolist(), confidence.tolist()))
@@ -197,18 +191,21 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     report = run_evaluation(loaded.model, loader, classes, RunContext(loaded.device, amp, reporter), on_batch=keep,
                             objective=objective)
     answers = [answer for _, answer in sorted(distributed.gather_lists(found), key=lambda pair: pair[0])]
-    counts = loaded.task.info.provenance.get("class_counts")
-    if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
-        report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
     skipped += distributed.gather_lists([(str(path), reason) for path, reason in loader.dataset.failures])
-    calibrated = calibration(torch.tensor([a.confidence for a in answers]),
-                             torch.tensor([a.true == a.predicted for a in answers]))
+    calibrated = None
+    if not objective.multi_label:
+        counts = loaded.task.info.provenance.get("class_counts")
+        if isinstance(counts, list) and len(counts) == len(classes) and all(type(n) is int and n >= 0 for n in counts):
+            report.shot_groups = shot_group_accuracy(report, counts)  # a task file is untrusted: used only if well-formed
+        calibrated = calibration(torch.tensor([a.confidence for a in answers]),
+                                 torch.tensor([a.true == a.predicted for a in answers]))
 
     def write() -> EvalResult:
         try:
             out = Path(output_dir) if output_dir else numbered_dir(Path("runs") / "eval", name)
-            result = EvalResult(name, report, calibrated, unknown, skipped, out, {})
-            _write_eval_files(result, answers, title=f"{name} on {Path(data).resolve().name}")
+            result = EvalResult(name, report, calibrated, unknown, skipped, out, {}, objective.name)
+            writer = write_multilabel_files if objective.multi_label else write_eval_files
+            writer(result, answers, title=f"{name} on {Path(data).resolve().name}")
         except OSError as exc:
             raise UsageError(f"cannot write the eval files to {output_dir or 'runs/eval'}: {exc.strerror or exc}") from None
         return result
@@ -216,35 +213,19 @@ def evaluate(data: str | Path, task: str | Path, backbone_weights: str | None = 
     return distributed.from_main(write)
 
 
-def _write_eval_files(result: EvalResult, answers: list[SamplePrediction], title: str) -> None:
-    """Everything `evaluate` leaves in its run folder, report.html last (it embeds the pictures)."""
-    out, files = result.run_dir, result.files
-    files.update({"metrics": out / "metrics.json", "confusion_csv": out / "confusion.csv",
-                  "confusion_png": out / "confusion.png", "confusion_normalized_png": out / "confusion_normalized.png",
-                  "reliability_png": out / "reliability.png", "predictions": out / "predictions.csv",
-                  "report": out / "report.html"})
-    write_confusion_csv(result.report, files["confusion_csv"])
-    render_confusion_png(result.report, files["confusion_png"], title=title)
-    render_confusion_png(result.report, files["confusion_normalized_png"], title=title, normalized=True)
-    render_reliability_png(result.calibration, files["reliability_png"], title=f"Reliability: {title}")
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["file", "true", "predicted", "confidence"])
-    writer.writerows([a.file, a.true, a.predicted, f"{a.confidence:.6f}"] for a in answers)
-    write_text(files["predictions"], table.getvalue())
-    write_text(files["metrics"], strict_json(result.to_dict()))
-    page = render_report_html(title=title, report=result.report, calibration=result.calibration, predictions=answers,
-                              images={"confusion matrix": files["confusion_png"],
-                                      "confusion matrix, row percentages": files["confusion_normalized_png"],
-                                      "reliability": files["reliability_png"]})
-    write_text(files["report"], page)
-
+def label_set(file: str, classes: list[str], logits: torch.Tensor, target: torch.Tensor,
+               objective: Objective) -> LabelSetPrediction:
+    """One multi-label image's labels, answer (the classes at or over their threshold) and scores."""
+    scores = objective.scores(logits)
+    return LabelSetPrediction(file, [c for c, hot in zip(classes, target.tolist()) if hot],
+                              [name for name, _ in objective.answer(logits, classes, None)], scores.tolist(),
+                              float((target.to(scores.dtype) - scores).abs().sum()))
 
 @dataclass
 class Prediction:
     file: str
     task: str
-    top: list[tuple[str, float]]  # (class, probability), best first
+    top: list[tuple[str, float]]  # (class, probability), best first; multi-label: the labels over threshold
 
 
 @dataclass
@@ -261,10 +242,14 @@ class PredictResult:
                                 for p in self.predictions],
                 "failures": [{"file": f, "reason": r} for f, r in self.failures]}
 
-def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int = 5, backbone_weights: str | None = None,
-            batch_size: int | None = None, device: str = "auto", workers: int | None = None, amp: bool = False,
-            reporter: Reporter | None = None, tasks_from: str | Path | None = None) -> PredictResult:
-    """Top-k classes of each task for image files, folders and globs; unreadable inputs are reported, not fatal.
+def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int | None = None,
+            backbone_weights: str | None = None, batch_size: int | None = None, device: str = "auto",
+            workers: int | None = None, amp: bool = False, reporter: Reporter | None = None,
+            tasks_from: str | Path | None = None) -> PredictResult:
+    """Each task's answer for image files, folders and globs; unreadable inputs are reported, not fatal.
+
+    The answer is the `top_k` classes, or without `top_k` the task's own: its 3 most probable
+    classes, or for a multi-label task every class whose sigmoid score reaches its threshold.
 
     Several tasks share every batch: each image is paired with each of its tasks (all of `task`,
     or its rows of the `tasks_from` CSV) and all pairs take one backbone pass. `batch_size`
@@ -308,7 +293,8 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
         if batch is not None:
             rows = torch.tensor([row for row, index in enumerate(indices) for _ in wanted[index]])
             task_index = torch.tensor([t for index in indices for t in wanted[index]])
-            answers = server.top_k(server.logits(batch[0][rows], task_index, amp), task_index, max(1, top_k))
+            answers = server.top_k(server.logits(batch[0][rows], task_index, amp), task_index,
+                                   None if top_k is None else max(1, top_k))
             pairs = [(index, t) for index in indices for t in wanted[index]]
             predictions += [Prediction(str(files[index]), server.names[t], top) for (index, t), top in zip(pairs, answers)]
             read += len(indices)
@@ -324,7 +310,7 @@ def predict(inputs: list[str], task: str | Path | list[str | Path], top_k: int =
 
 
 def save_labelled_images(result: PredictResult, save_dir: str | Path, force: bool = False) -> list[Path]:
-    """Each predicted image with its answers drawn above it (one line per task: top-k classes and
+    """Each predicted image with its answers drawn above it (one line per task: its classes and
     probabilities), as `<stem>.png` in `save_dir`; an existing file is kept unless `force`."""
     save_dir = Path(save_dir)
     by_file: dict[str, list[Prediction]] = {}
@@ -340,7 +326,7 @@ def save_labelled_images(result: PredictResult, save_dir: str | Path, force: boo
         target = save_dir / f"{stem}.png"
         if target.exists() and not force:
             raise UsageError(f"{target} exists; pass --force to overwrite it")
-        lines = [f"{p.task}: " + ", ".join(f"{name} {prob:.2f}" for name, prob in p.top) for p in predictions]
+        lines = [f"{p.task}: " + (", ".join(f"{name} {prob:.2f}" for name, prob in p.top) or "none") for p in predictions]
         try:
             render_labelled_image(load_image(Path(file)), lines, target)
         except OSError as exc:
@@ -370,20 +356,4 @@ def export(tasks: str | Path | list[str | Path], fmt: str, output: str | Path | 
     metadata = {**export_metadata(typed, infos, backbone), "dynamic_size": json.dumps(dynamic_size)}
     return export_model(model, backbone.img_size, fmt, target, metadata=metadata, dynamic_size=dynamic_size)
 
-
-def export_metadata(names: list[str], infos: list[Any], backbone: Any) -> dict[str, str]:
-    """What a user of the exported file needs without vpt-cli: task names and classes (in
-    `task_index` order for a bundle) and the preprocessing (size, mean, std, interpolation, crop)."""
-    config = backbone.data_config
-    return {
-        "vpt_tasks": json.dumps(names),
-        "classes": json.dumps(infos[0].classes if len(infos) == 1 else [info.classes for info in infos]),
-        "image_size": str(backbone.img_size),
-        "mean": json.dumps(list(config["mean"])),
-        "std": json.dumps(list(config["std"])),
-        "interpolation": str(config.get("interpolation", "bicubic")),
-        "crop_pct": str(config.get("crop_pct", 1.0)),
-        "backbone": backbone.name,
-        "input": "images: float32 (batch, 3, image_size, image_size), RGB in [0, 1] normalised by mean/std",
-    }
 

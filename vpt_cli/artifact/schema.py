@@ -27,7 +27,7 @@ from vpt_cli.config import METHODS, POOLS, PROMPT_INITS, PromptConfig
 from vpt_cli.core.errors import TaskError, one_line
 from vpt_cli.core.fileio import write_bytes
 from vpt_cli.methods import get_method
-from vpt_cli.objectives import SINGLE_LABEL, Objective, objective_class, objective_names
+from vpt_cli.objectives import SINGLE_LABEL, Objective, is_multi_label, objective_class, objective_names
 
 if TYPE_CHECKING:
     import torch
@@ -77,10 +77,12 @@ class TaskInfo:
     provenance: dict[str, Any] = field(default_factory=dict)  # data, split, seed, config, versions
     format_version: int = FORMAT_VERSION
     objective: str = SINGLE_LABEL  # the task type (vpt_cli.objectives); files from before it are single-label
+    thresholds: list[float] | None = None  # multi-label tasks: each class's score threshold, in [0, 1]
 
     def new_objective(self) -> Objective:
-        """The task type this task answers with (inference needs no class balance: it shapes training only)."""
-        return objective_class(self.objective)()
+        """The task type this task answers with, with its stored thresholds (inference needs no
+        class balance or loss: they shape training only)."""
+        return objective_class(self.objective).from_task(self.thresholds)
 
 
 @dataclass
@@ -226,7 +228,18 @@ def _check_info(raw: Any) -> TaskInfo:
     for name, check in checks.items():
         if name in raw:
             check(raw[name])
+    _check_thresholds(raw.get("thresholds"), raw.get("objective", SINGLE_LABEL), len(raw["classes"]))
     return TaskInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def _check_thresholds(thresholds: Any, objective: str, classes: int) -> None:
+    """A multi-label task has one threshold in [0, 1] per class; other task types have none."""
+    if not is_multi_label(objective):
+        _require(thresholds is None, f"thresholds are only for multi-label tasks, not {objective}")
+        return
+    _require(isinstance(thresholds, list) and len(thresholds) == classes
+             and all(_is_number(t) and 0.0 <= t <= 1.0 for t in thresholds),
+             f"thresholds must be {classes} numbers in [0, 1], one per class")
 
 
 def _check_data_config(config: Any) -> None:

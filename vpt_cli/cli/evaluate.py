@@ -27,6 +27,7 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="Split to score: a folder DATA/<split>, or a list "
                                         "format's train/val/trainval/test. \\[default: DATA itself for folders; test, else val for lists]"),
     data_format: DataFormat = typer.Option(DataFormat.auto, "--data-format", help="How to read DATA."),
+    label_sep: str = typer.Option(";", "--label-sep", help="Multi-label tasks: what separates a CSV cell's labels."),
     backbone_weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: Device = typer.Option(Device.auto, help=DEVICE_HELP),
@@ -37,14 +38,16 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
-    """Evaluate a task: top-1/top-5, per-class precision/recall/F1, balanced accuracy, confusion matrix."""
+    """Evaluate a task: top-1/top-5, per-class precision/recall/F1, balanced accuracy, confusion matrix
+    (multi-label tasks: mAP, micro/macro F1, exact match, Hamming loss, per-class AP/F1)."""
 
     def action() -> None:
         from vpt_cli import api
 
         launch_if_asked(devices)
         result = api.evaluate(data, task, path_text(backbone_weights), batch_size, device.value, workers, amp,
-                              output_dir, make_reporter(quiet), split=split, data_format=data_format.value)
+                              output_dir, make_reporter(quiet), split=split, data_format=data_format.value,
+                              label_sep=label_sep)
         if is_follower():
             return
         if as_json:

@@ -13,7 +13,8 @@ from vpt_cli.core.safetext import safe
 from vpt_cli.methods import get_method
 
 if TYPE_CHECKING:  # result types only: `vpt tasks` renders without importing torch
-    from vpt_cli.api import EvalResult, PredictResult
+    from vpt_cli.api import PredictResult
+    from vpt_cli.evaluation.files import EvalResult
     from vpt_cli.training.outputs import TrainResult
     from vpt_cli.training.sweep import SweepResult, Trial
 
@@ -23,7 +24,7 @@ def _pct(value: float | None) -> str:
 
 
 def render_train(console: Console, result: TrainResult) -> None:
-    report = result.val_report
+    report, test = result.val_report, result.test_report
     ratio = result.task_bytes / max(result.backbone_bytes, 1)
     kept = (f"{result.selection} epoch {result.best_epoch}" + (", stopped early" if result.stopped_early else "")
             if result.history else "no epochs: linear probe")
@@ -32,11 +33,12 @@ def render_train(console: Console, result: TrainResult) -> None:
         f"  classes        {len(result.classes)} ({safe(', '.join(result.classes[:8]))}{', ...' if len(result.classes) > 8 else ''})",
         f"  images         {result.num_train} train, {result.num_val} val"
         + (f", {len(result.skipped)} skipped (see {safe(result.run_dir / 'skipped.txt')})" if result.skipped else ""),
-        f"  val top-1      {_pct(report.top1 if report else None)} ({kept})",
-        *([f"  test top-1     {_pct(result.test_report.top1)} (--trainval: scored once, never selected on)"]
-          if result.test_report else []),
-        (f"  probe start    {_pct(result.probe_val_acc)} val top-1: the linear probe fitted on the prompted "
-         "start, before prompt training" if result.history else None),
+        f"  {'val ' + (report.score_name if report else 'top-1'):<15}{_pct(report.score if report else None)} ({kept})"
+        + (f", macro F1 {report.macro_f1:.3f} at the tuned thresholds" if report and report.score_name == "mAP" else ""),
+        *([f"  {'test ' + test.score_name:<15}{_pct(test.score)} (--trainval: scored once, never selected on)"]
+          if test else []),
+        (f"  probe start    {_pct(result.probe_val_acc)} val {report.score_name if report else 'top-1'}: the linear "
+         "probe fitted on the prompted start, before prompt training" if result.history else None),
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",
         (f"  speed          {result.train_images_per_sec:.1f} train img/s, {result.seconds:.0f}s in all"
@@ -49,6 +51,9 @@ def render_train(console: Console, result: TrainResult) -> None:
 
 
 def render_eval(console: Console, result: EvalResult) -> None:
+    if result.calibration is None:
+        render_multilabel_eval(console, result)
+        return
     report = result.report
     table = Table(title=f"{safe(result.task_name)}: per-class metrics", title_justify="left")
     for column in ("class", "precision", "recall", "f1", "support"):
@@ -72,6 +77,28 @@ def render_eval(console: Console, result: EvalResult) -> None:
                   "reliability.png", highlight=False)
 
 
+def render_multilabel_eval(console: Console, result: EvalResult) -> None:
+    report = result.report
+    table = Table(title=f"{safe(result.task_name)}: per-class metrics", title_justify="left")
+    for column in ("class", "AP", "f1", "precision", "recall", "support", "threshold"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in report.per_class:
+        table.add_row(safe(row.name), "-" if row.ap is None else f"{row.ap:.3f}", f"{row.f1:.3f}",
+                      f"{row.precision:.3f}", f"{row.recall:.3f}", str(row.support), f"{row.threshold:.3f}")
+    console.print(table)
+    console.print(
+        f"mAP {_pct(report.mean_ap)}  macro F1 {report.macro_f1:.3f}  micro F1 {report.micro_f1:.3f}  "
+        f"(P {report.micro_precision:.3f}, R {report.micro_recall:.3f})  exact match {_pct(report.exact_match)}  "
+        f"Hamming loss {report.hamming_loss:.4f}  on {report.num_samples} images", highlight=False)
+    if result.unknown_classes:
+        console.print(f"[yellow]not scored[/]: labels unknown to the task: {safe(', '.join(result.unknown_classes))}",
+                      highlight=False)
+    if result.skipped:
+        console.print(f"[yellow]skipped[/] {len(result.skipped)} unreadable files", highlight=False)
+    console.print(f"results in {safe(result.run_dir)}: report.html, metrics.json, predictions.csv, ap.png",
+                  highlight=False)
+
+
 def render_predictions(console: Console, result: PredictResult) -> None:
     several = len(result.tasks) > 1
     k = max((len(p.top) for p in result.predictions), default=1)
@@ -83,7 +110,7 @@ def render_predictions(console: Console, result: PredictResult) -> None:
         table.add_column(f"#{rank}")
     for prediction in result.predictions:
         table.add_row(safe(prediction.file), *([safe(prediction.task)] if several else []),
-                      *[f"{safe(name)} [dim]{prob:.2f}[/]" for name, prob in prediction.top])
+                      *([f"{safe(name)} [dim]{prob:.2f}[/]" for name, prob in prediction.top] or ["[dim]none[/]"]))
     console.print(table)
 
 
@@ -115,7 +142,7 @@ def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> 
         console.print(f"no tasks yet in {safe(registry)} (train one with [bold]vpt train DATA --task NAME[/])")
         return
     table = Table(title=f"tasks in {safe(registry)}", title_justify="left")
-    for column in ("name", "method", "backbone", "img size", "classes", "val top-1", "size", "created"):
+    for column in ("name", "method", "backbone", "img size", "classes", "val top-1 | mAP", "size", "created"):
         table.add_column(column, no_wrap=column in ("name", "backbone"), overflow="fold")
     for entry in entries:
         size = f"{entry.path.stat().st_size / 1e3:.0f} KB"
@@ -123,7 +150,7 @@ def render_tasks(console: Console, entries: list[TaskEntry], registry: Path) -> 
         if info is None:
             table.add_row(safe(entry.name), f"[red]unusable: {safe(entry.error)}[/]", "-", "-", "-", "-", size, "-")
             continue
-        top1 = info.metrics.get("val_top1")
+        top1 = info.metrics.get("val_top1", info.metrics.get("val_map"))  # a multi-label task: its val mAP
         prompts = info.prompt.get("num_prompts")
         method = info.prompt.get("method") + (f" ({prompts})" if get_method(info.prompt["method"]).prompts else "")
         table.add_row(safe(entry.name), method, safe(info.backbone), str(info.img_size), str(len(info.classes)),

@@ -10,6 +10,8 @@ from vpt_cli.config.run import (
     DEFAULT_BACKBONE,
     DEVICES,
     HEAD_INITS,
+    LOSSES,
+    MAX_LABEL_SEP,
     METHODS,
     MIN_VAL_PER_CLASS_TO_SELECT,
     OPTIMIZERS,
@@ -30,7 +32,7 @@ from vpt_cli.config.run import (
 )
 
 __all__ = ["ADAMW_HEAD_LR", "ADAMW_PROMPT_LR", "AUGMENTS", "AUTO_PROMPT_FRACTION", "AVG_POOLED_TAGS", "BALANCES",
-           "DATA_FORMATS", "DEFAULT_BACKBONE", "DEVICES", "HEAD_INITS", "METHODS", "MIN_VAL_PER_CLASS_TO_SELECT",
+           "DATA_FORMATS", "DEFAULT_BACKBONE", "DEVICES", "HEAD_INITS", "LOSSES", "MAX_LABEL_SEP", "METHODS", "MIN_VAL_PER_CLASS_TO_SELECT",
            "OPTIMIZERS", "POOLS", "PROMPT_INITS", "SELECTS", "SGD_BASE_LR", "TOKEN_INIT_IMAGES", "BackboneConfig",
            "DataConfig", "PromptConfig", "RunConfig", "SweepConfig", "TrainConfig", "apply_overrides",
            "auto_num_prompts", "load_config"]

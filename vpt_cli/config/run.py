@@ -35,6 +35,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SELECTS = ("auto", "best", "last")
 DATA_FORMATS = ("auto", "folders", "csv", "vtab", "fgvc")  # vpt_cli.data.readers
 BALANCES = ("none", "reweight", "resample", "logit-adjust")  # vpt_cli.objectives.balance
+LOSSES = ("bce", "asl")  # multi-label tasks: vpt_cli.objectives.multi_label
+MAX_LABEL_SEP = 8
 # Below this, best-on-val is noise: top-1 on a val split of n images has a standard error near
 # 0.4/sqrt(n), several times the gap between late epochs, and the probe start it competes with
 # had its strength picked on the same split (README, "Defaults").
@@ -45,6 +47,7 @@ SGD_BASE_LR = 2.5  # the paper's recipe scales it: lr = base * batch / 256
 # A full fine-tune's backbone without --lr: pretrained weights need a far smaller step than a new head.
 FULL_FINETUNE_LR = 2e-5
 ALL_SHOTS = "all"  # data.shots: every training image
+TUNED = "tuned"  # train.threshold: each class's own, tuned on val (multi-label tasks)
 
 
 @dataclass
@@ -172,7 +175,13 @@ class DataConfig:
     trainval: bool = setting(False, flag="--trainval/--no-trainval", help=(
         "List formats: train on train+val (VTAB's train800val200) and score on test, the paper's final retrain."))
     shots: int | str = setting(ALL_SHOTS, flag="--shots",
-                               help="Keep K training images per class, drawn per class with --seed.")
+                               help="Keep K training images per class, drawn per class with --seed (multi-label: "
+                               "at least K positives per class; README, \"Multi-label\").")
+    multi_label: bool = setting(False, flag="--multi-label/--single-label", help=(
+        "Read a CSV's 'label' column as several labels per image, split by --label-sep (a 'labels' column always "
+        "is); the task then scores each class on its own (README, \"Multi-label\")."))
+    label_sep: str = setting(";", flag="--label-sep", help=(
+        "What separates the labels in a multi-label cell, e.g. ' ' for fastai-style files."))
 
     @property
     def shot_count(self) -> int | None:
@@ -204,11 +213,23 @@ class TrainConfig:
         f"at least {MIN_VAL_PER_CLASS_TO_SELECT} images per class, else last."))
     balance: str = setting("logit-adjust", flag="--balance", choices=BALANCES, help=(
         "Unequal class counts: reweight (inverse-frequency loss weights), resample (class-balanced batches), "
-        "logit-adjust (Menon et al. 2021, see --tau)."))
+        "logit-adjust (Menon et al. 2021, see --tau). Multi-label tasks: any but none weighs each class's positives by "
+        "its negatives/positives ratio; resample is refused."))
     tau: float = setting(1.0, flag="--tau", help="Strength of --balance logit-adjust: logits + tau * log(class prior).")
+    loss: str = setting("bce", flag="--loss", choices=LOSSES, help=(
+        "Multi-label tasks: bce (binary cross-entropy on every class) or asl (timm's asymmetric loss, Ridnik et al. "
+        "2021, which down-weights the many easy negatives)."))
+    threshold: float | str = setting(TUNED, flag="--threshold", shown="tuned per class on val", help=(
+        "Multi-label tasks: one score threshold in [0, 1] for every class, instead of each class's own, tuned on "
+        "val for its F1 (0.5 for a class without a val positive)."))
     seed: int = setting(0, flag="--seed", help="Seed for init, split and shuffling.")
     device: str = setting("auto", flag="--device", choices=DEVICES, help="auto picks cuda, then mps, then cpu.")
     amp: bool = setting(False, flag="--amp/--no-amp", help="Mixed precision (bf16, or fp16 on GPUs without bf16).")
+
+    @property
+    def fixed_threshold(self) -> float | None:
+        """--threshold's one value for every class, or None: each class's own, tuned on val."""
+        return None if self.threshold == TUNED else float(self.threshold)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -315,6 +336,14 @@ class RunConfig:
         if self.train.warmup_epochs is not None and self.train.warmup_epochs < 0:
             raise UsageError("train.warmup_epochs must be zero or positive")
         _check_choice("data.format", self.data.format, DATA_FORMATS)
+        _check_choice("train.loss", self.train.loss, LOSSES)
+        threshold = self.train.threshold
+        if threshold != TUNED and not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                       and 0.0 <= threshold <= 1.0):
+            raise UsageError(f"--threshold must be in [0, 1] (or train.threshold: {TUNED}), not {threshold!r}")
+        sep = self.data.label_sep
+        if not isinstance(sep, str) or not 0 < len(sep) <= MAX_LABEL_SEP or any(c in sep for c in "\r\n\""):
+            raise UsageError(f"--label-sep must be 1 to {MAX_LABEL_SEP} characters without quotes or line breaks")
         shots = self.data.shots
         if shots not in (ALL_SHOTS, None) and not (isinstance(shots, int) and not isinstance(shots, bool) and shots >= 1):
             raise UsageError(f"--shots must be at least 1 (or data.shots: {ALL_SHOTS}), not {shots!r}")

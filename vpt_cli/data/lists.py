@@ -1,4 +1,5 @@
-"""Readers of list files: a CSV of path,label[,split], VTAB-1k split lists and FGVC JSON files.
+"""Readers of list files: a CSV of path,label[,split] (or path,labels[,split] for multi-label
+tasks), VTAB-1k split lists and FGVC JSON files.
 
 Each returns a `Listing` (labelled files per split, by class name), which `readers` turns into the
 one splits object. Listed paths are relative to the list's folder and may not leave it; a row
@@ -22,21 +23,39 @@ VTAB_CLASSES_FILE = "classes.txt"
 FGVC_IMAGE_FOLDER = "images"
 
 
+@dataclass(frozen=True)
+class LabelFormat:
+    """How a CSV's label cells read: one class name each, or (`multi_label`, and always for a
+    `labels` column) any number of names split by `sep`, an empty cell being a negative for all."""
+
+    multi_label: bool = False
+    sep: str = ";"
+
+    def split(self, cell: str) -> tuple[str, ...]:
+        """The distinct names of one multi-label cell, in their order."""
+        return tuple(dict.fromkeys(part.strip() for part in cell.split(self.sep) if part.strip()))
+
+
+# One listed file's label: a class name, or a multi-label listing's tuple of names (maybe empty).
+Label = str | tuple[str, ...]
+
+
 @dataclass
 class Listing:
     """Labelled files per split, as one list-file source holds them.
 
     `classes` is the index order when the source fixes one (VTAB's classes.txt, numeric ids);
     None means sorted class names of the train split. `origin` names where each split would come
-    from, for error messages.
+    from, for error messages. A `multi_label` listing labels each file with a tuple of names.
     """
 
     root: Path
     source: str
-    rows: dict[str, list[tuple[Path, str]]]
+    rows: dict[str, list[tuple[Path, Label]]]
     origin: dict[str, str]
     classes: list[str] | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    multi_label: bool = False
 
 
 def resolve_listed(text: str, bases: list[Path]) -> tuple[Path | None, str]:
@@ -55,7 +74,7 @@ def resolve_listed(text: str, bases: list[Path]) -> tuple[Path | None, str]:
     return None, "no such file"
 
 
-def _add(listing: Listing, split: str, text: str, label: str, where: str, bases: list[Path]) -> None:
+def _add(listing: Listing, split: str, text: str, label: Label, where: str, bases: list[Path]) -> None:
     """Append one row to `split`, or record why it is skipped."""
     file, reason = resolve_listed(text, bases)
     if file is None:
@@ -64,35 +83,42 @@ def _add(listing: Listing, split: str, text: str, label: str, where: str, bases:
         listing.rows.setdefault(split, []).append((file, label))
 
 
-def read_csv(path: Path) -> Listing:
+def read_csv(path: Path, labels: LabelFormat = LabelFormat()) -> Listing:
     """`path,label[,split]` rows with a header; labels are class names, split train/val/test
-    (no split column: everything is train and is auto-split)."""
+    (no split column: everything is train and is auto-split). A `labels` column instead (or
+    `label` with `labels.multi_label`) holds several names per image, split by `labels.sep`."""
     listing = Listing(root=path.parent, source=f"csv ({path.name})", rows={},
                       origin={split: f"rows with split '{split}' in {path.name}" for split in CSV_SPLITS})
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = [name.strip().lower() for name in reader.fieldnames or []]
-            missing = [name for name in ("path", "label") if name not in header]
+            column = "labels" if "labels" in header else "label"
+            missing = [name for name in ("path", column) if name not in header]
             if missing:
-                raise DataError(f"{path} needs a header with 'path' and 'label' columns (missing: {', '.join(missing)})")
+                raise DataError(f"{path} needs a header with 'path' and 'label' (or 'labels') columns "
+                                f"(missing: {', '.join(missing)})")
             reader.fieldnames = header
+            listing.multi_label = column == "labels" or labels.multi_label
             for line, row in enumerate(reader, 2):
-                _csv_row(listing, row, f"{path.name} line {line}")
+                _csv_row(listing, row, column, labels, f"{path.name} line {line}")
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     return listing
 
 
-def _csv_row(listing: Listing, row: dict[str, str | None], where: str) -> None:
-    text, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+def _csv_row(listing: Listing, row: dict[str, str | None], column: str, labels: LabelFormat, where: str) -> None:
+    text, cell = (row.get("path") or "").strip(), (row.get(column) or "").strip()
     split = (row.get("split") or "train").strip().lower() if "split" in row else "train"
     if split not in CSV_SPLITS:
         raise DataError(f"{where}: unknown split '{split}' (expected {', '.join(CSV_SPLITS)})")
-    if not label:
+    if listing.multi_label:  # an empty cell is an image of none of the classes
+        _add(listing, split, text, labels.split(cell), where, [listing.root])
+        return
+    if not cell:
         listing.skipped.append((listing.root / text, f"{where}: no label"))
         return
-    _add(listing, split, text, label, where, [listing.root])
+    _add(listing, split, text, cell, where, [listing.root])
 
 
 def read_vtab(root: Path) -> Listing:

@@ -10,7 +10,7 @@ import csv
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -35,6 +35,8 @@ class ClassMetrics:
 class EvalReport:
     """Everything an evaluation says about a classifier, ready for JSON, tables and plots."""
 
+    score_name: ClassVar[str] = "top-1"
+
     num_samples: int
     top1: float
     top5: float | None  # None when there are fewer than 5 classes
@@ -46,6 +48,22 @@ class EvalReport:
     classes: list[str]
     # accuracy over classes with many (>100) / medium (20-100) / few (<20) training images, when known
     shot_groups: dict[str, float | None] | None = None
+
+    @property
+    def score(self) -> float:
+        """What selection maximises and results.csv's val_acc holds (multi-label reports: mAP)."""
+        return self.top1
+
+    @property
+    def second_score(self) -> float:
+        """results.csv's second val column (multi-label reports: macro F1)."""
+        return self.balanced_accuracy
+
+    def summary(self, split: str) -> dict[str, Any]:
+        """The numbers a task file keeps of this split."""
+        return {f"{split}_top1": self.top1, f"{split}_top5": self.top5,
+                f"{split}_balanced_accuracy": self.balanced_accuracy, f"{split}_macro_f1": self.macro_f1,
+                f"{split}_samples": self.num_samples}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (nested dataclasses become dicts)."""

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vpt_cli.core.fileio import atomic_write
 from vpt_cli.evaluation.metrics import Calibration, EvalReport
+from vpt_cli.evaluation.multilabel import MultiLabelReport
 
 Color = tuple[int, int, int]
 FontT = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -33,6 +34,7 @@ KEPT_COLOR: Color = (44, 160, 44)
 MAX_LABEL_CHARS = 24  # longer class names are shortened in the middle (CSV/JSON keep them whole)
 MIN_CELL_FOR_COUNTS = 16  # below this many pixels per cell the numbers would be unreadable
 MIN_CELL_FOR_ZEROS = 40  # in dense matrices a sea of grey zeros hides the real confusions
+MAX_AP_BARS = 60  # the weakest classes of a larger task (metrics.json has them all)
 
 
 @lru_cache(maxsize=None)
@@ -394,4 +396,31 @@ def render_reliability_png(result: Calibration, path: Path, title: str = "Reliab
         draw.text((x0 - 6, y0 + plot - tick * plot), f"{tick:.1f}", font=small, fill=MUTED, anchor="rm")
     draw.text((x0 + plot / 2, height - 14), "confidence (bars: accuracy, orange: mean confidence; strip: images per bin)",
               font=small, fill=MUTED, anchor="ms")
+    _save_png_atomic(image, path)
+
+
+def render_ap_png(report: MultiLabelReport, path: Path, title: str = "Average precision") -> None:
+    """One horizontal bar per class with a positive, its AP (weakest first, at most MAX_AP_BARS),
+    and mAP as a line and in the title."""
+    rows = sorted(((c.ap, c.name) for c in report.per_class if c.ap is not None))[:MAX_AP_BARS]
+    font, small = _font(16), _font(12)
+    bar, pad, plot = 18, 16, 360
+    names = [_shorten(_printable(name)) for _, name in rows]
+    label_width = max([_text_size(name, small)[0] for name in names] + [40]) + 8
+    width, height = pad + label_width + plot + 56, 48 + bar * len(rows) + 40
+    image = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 12), f"{_printable(title)}  ·  mAP {report.mean_ap:.1%}", font=font, fill=INK)
+    x0, y0 = pad + label_width, 48
+    for row, ((ap, _), name) in enumerate(zip(rows, names)):
+        top = y0 + row * bar
+        draw.text((x0 - 8, top + bar / 2), name, font=small, fill=INK, anchor="rm")
+        draw.rectangle((x0, top + 2, x0 + round(ap * plot), top + bar - 2), fill=TRAIN_COLOR)
+        draw.text((x0 + round(ap * plot) + 4, top + bar / 2), f"{ap:.2f}", font=small, fill=MUTED, anchor="lm")
+    bottom = y0 + bar * len(rows)
+    mean_x = x0 + round(report.mean_ap * plot)
+    draw.line((mean_x, y0, mean_x, bottom), fill=VAL_COLOR, width=2)
+    for tick in (0.0, 0.5, 1.0):
+        draw.text((x0 + tick * plot, bottom + 4), f"{tick:.1f}", font=small, fill=MUTED, anchor="ma")
+    draw.text((x0, height - 14), "AP per class (orange: mAP)", font=small, fill=MUTED, anchor="ls")
     _save_png_atomic(image, path)

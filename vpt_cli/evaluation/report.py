@@ -2,7 +2,9 @@
 
 Metrics, the per-class table, the confusion matrix and reliability diagram, the most frequent
 confusions, and a gallery of misclassified images, most confident mistakes first: the things a
-person looks at to decide whether a task is good enough and what to fix in the data.
+person looks at to decide whether a task is good enough and what to fix in the data. A
+multi-label task's page has its metrics, the per-class AP chart and table, and its worst images
+(furthest from their labels) instead.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from PIL import Image
 
 from vpt_cli.data import ImageLoadError, load_image
 from vpt_cli.evaluation.metrics import Calibration, EvalReport
+from vpt_cli.evaluation.multilabel import MultiLabelReport
 
 GALLERY_LIMIT = 60
 THUMBNAIL = 112
@@ -31,6 +34,17 @@ class SamplePrediction:
     confidence: float
 
 
+@dataclass
+class LabelSetPrediction:
+    """One evaluated image of a multi-label task: its labels, the task's, and every class's score."""
+
+    file: str
+    true: list[str]
+    predicted: list[str]
+    scores: list[float]  # in the task's class order
+    error: float  # sum over classes of |label - score|: how far the image is from its labels
+
+
 def render_report_html(*, title: str, report: EvalReport, calibration: Calibration,
                        predictions: list[SamplePrediction], images: dict[str, Path]) -> str:
     """The page as a string; `images` maps a caption to a PNG file to embed."""
@@ -38,9 +52,7 @@ def render_report_html(*, title: str, report: EvalReport, calibration: Calibrati
     sections = [
         f"<h1>{_e(title)}</h1>",
         _summary(report, calibration, len(mistakes)),
-        "<div class=figs>" + "".join(
-            f"<figure><img alt='{_e(caption)}' src='{_png_uri(path)}'><figcaption>{_e(caption)}</figcaption></figure>"
-            for caption, path in images.items()) + "</div>",
+        _figures(images),
         _per_class(report),
         _top_confusions(report),
         _gallery(mistakes),
@@ -57,11 +69,20 @@ def _pct(value: float | None) -> str:
 
 
 def _summary(report: EvalReport, calibration: Calibration, mistakes: int) -> str:
-    cells = [("images", str(report.num_samples)), ("top-1", _pct(report.top1)), ("top-5", _pct(report.top5)),
-             ("balanced accuracy", _pct(report.balanced_accuracy)), ("macro F1", f"{report.macro_f1:.3f}"),
-             ("ECE", _pct(calibration.ece)), ("mistakes", str(mistakes))]
+    return _cards([("images", str(report.num_samples)), ("top-1", _pct(report.top1)), ("top-5", _pct(report.top5)),
+                   ("balanced accuracy", _pct(report.balanced_accuracy)), ("macro F1", f"{report.macro_f1:.3f}"),
+                   ("ECE", _pct(calibration.ece)), ("mistakes", str(mistakes))])
+
+
+def _cards(cells: list[tuple[str, str]]) -> str:
     return "<div class=cards>" + "".join(f"<div class=card><b>{_e(value)}</b><span>{_e(name)}</span></div>"
                                         for name, value in cells) + "</div>"
+
+
+def _figures(images: dict[str, Path]) -> str:
+    return "<div class=figs>" + "".join(
+        f"<figure><img alt='{_e(caption)}' src='{_png_uri(path)}'><figcaption>{_e(caption)}</figcaption></figure>"
+        for caption, path in images.items()) + "</div>"
 
 
 def _per_class(report: EvalReport) -> str:
@@ -83,21 +104,48 @@ def _top_confusions(report: EvalReport, limit: int = 10) -> str:
 
 
 def _gallery(mistakes: list[SamplePrediction]) -> str:
-    if not mistakes:
+    captions = [f"<b>{_e(m.predicted)}</b> {_pct(m.confidence)}<br>true: {_e(m.true)}" for m in mistakes]
+    return _tiles(f"Misclassified images ({len(mistakes)}), most confident first", [m.file for m in mistakes], captions)
+
+
+def _tiles(heading: str, files: list[str], captions: list[str]) -> str:
+    """A gallery of thumbnails (the first GALLERY_LIMIT) with their captions (HTML) and file names."""
+    if not files:
         return ""
-    shown = mistakes[:GALLERY_LIMIT]
     tiles = []
-    for mistake in shown:
+    for file, caption in list(zip(files, captions))[:GALLERY_LIMIT]:
         try:
-            thumb = f"<img alt='' src='{_thumbnail_uri(Path(mistake.file))}'>"
+            thumb = f"<img alt='' src='{_thumbnail_uri(Path(file))}'>"
         except (ImageLoadError, OSError):
             thumb = "<div class=missing>unreadable</div>"
-        tiles.append(f"<figure class=tile>{thumb}<figcaption><b>{_e(mistake.predicted)}</b> "
-                     f"{_pct(mistake.confidence)}<br>true: {_e(mistake.true)}<br>"
-                     f"<small title='{_e(mistake.file)}'>{_e(Path(mistake.file).name)}</small></figcaption></figure>")
-    more = f"<p>{len(mistakes) - len(shown)} more in predictions.csv.</p>" if len(mistakes) > len(shown) else ""
-    return (f"<h2>Misclassified images ({len(mistakes)}), most confident first</h2>"
-            f"<div class=gallery>{''.join(tiles)}</div>{more}")
+        tiles.append(f"<figure class=tile>{thumb}<figcaption>{caption}<br>"
+                     f"<small title='{_e(file)}'>{_e(Path(file).name)}</small></figcaption></figure>")
+    more = f"<p>{len(files) - GALLERY_LIMIT} more in predictions.csv.</p>" if len(files) > GALLERY_LIMIT else ""
+    return f"<h2>{_e(heading)}</h2><div class=gallery>{''.join(tiles)}</div>{more}"
+
+
+def render_multilabel_report_html(*, title: str, report: MultiLabelReport, predictions: list[LabelSetPrediction],
+                                  images: dict[str, Path]) -> str:
+    """A multi-label task's page: metrics, the `images` (the AP chart), the per-class table and
+    the images furthest from their labels (the sum of |label - score| over classes) first."""
+    worst = sorted((p for p in predictions if set(p.true) != set(p.predicted)), key=lambda p: -p.error)
+    cards = _cards([("images", str(report.num_samples)), ("mAP", _pct(report.mean_ap)),
+                    ("macro F1", f"{report.macro_f1:.3f}"), ("micro F1", f"{report.micro_f1:.3f}"),
+                    ("exact match", _pct(report.exact_match)), ("Hamming loss", f"{report.hamming_loss:.4f}"),
+                    ("images with a wrong label", str(len(worst)))])
+    rows = "".join(f"<tr><td>{_e(c.name)}</td><td>{'-' if c.ap is None else f'{c.ap:.3f}'}</td><td>{c.f1:.3f}</td>"
+                   f"<td>{c.precision:.3f}</td><td>{c.recall:.3f}</td><td>{c.support}</td><td>{c.threshold:.3f}</td></tr>"
+                   for c in sorted(report.per_class, key=lambda c: (c.ap is not None, c.ap or 0.0)))
+    table = ("<h2>Per class (weakest AP first)</h2><table><tr><th>class</th><th>AP</th><th>F1</th><th>precision</th>"
+             f"<th>recall</th><th>support</th><th>threshold</th></tr>{rows}</table>")
+
+    def caption(p: LabelSetPrediction) -> str:
+        return (f"<b>{_e(', '.join(p.predicted) or 'none')}</b><br>true: {_e(', '.join(p.true) or 'none')}")
+
+    gallery = _tiles(f"Images with a wrong label ({len(worst)}), furthest from their labels first",
+                     [p.file for p in worst], [caption(p) for p in worst])
+    sections = [f"<h1>{_e(title)}</h1>", cards, _figures(images), table, gallery]
+    return _PAGE.format(title=_e(title), body="\n".join(sections))
 
 
 def _png_uri(path: Path) -> str:

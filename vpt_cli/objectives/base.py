@@ -5,7 +5,7 @@ the server only call it; the task file names it (`objective`), so a task answers
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vpt_cli.core.errors import TaskError
 
@@ -13,15 +13,32 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from vpt_cli.evaluation.metrics import EvalReport
+    from vpt_cli.evaluation.multilabel import MultiLabelReport
+
+    Report = EvalReport | MultiLabelReport
 
 # (class name, score), best first: one task's answer for one image.
 Answer = list[tuple[str, float]]
 
 
 class Objective:
-    """The interface every task type implements; `name` is what task files store."""
+    """The interface every task type implements; `name` is what task files store, `multi_label`
+    whether an image may be of several classes (its targets are then multi-hot rows), and
+    `score_columns` the names results.csv gives a val report's `score` and `second_score`."""
 
     name: ClassVar[str]
+    multi_label: ClassVar[bool] = False
+    score_columns: ClassVar[tuple[str, str]] = ("val_acc", "val_balanced_acc")
+    score_name: ClassVar[str] = "acc"  # what the probe's val score is, in the run log
+
+    @classmethod
+    def from_task(cls, thresholds: list[float] | None) -> "Objective":
+        """The objective a task file's fields describe, for inference (training-only settings left out)."""
+        return cls()
+
+    def task_thresholds(self) -> list[float] | None:
+        """What the task file stores as `thresholds` (None: this task type has none)."""
+        return None
 
     def loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """The training loss of a batch: its mean, or with `reduction` "sum" the numerator of
@@ -48,25 +65,50 @@ class Objective:
         """What the probe's L2 strength is picked by on val (higher is better)."""
         raise NotImplementedError
 
-    def selection_key(self, report: "EvalReport") -> tuple[float, float]:
+    def selection_key(self, report: "Report") -> tuple[float, float]:
         """What best-epoch selection maximises, from a val report."""
         raise NotImplementedError
+
+    def accumulator(self, num_classes: int) -> Any:
+        """A fresh streaming metric accumulator (update / sum_across / report) for this task type."""
+        raise NotImplementedError
+
+    def report(self, logits: Tensor, targets: Tensor, classes: list[str], loss: float | None = None) -> "Report":
+        """The metrics of logits held in memory (what the accumulator gives after one update)."""
+        accumulator = self.accumulator(len(classes))
+        accumulator.update(logits, targets)
+        report = accumulator.report(classes)
+        report.loss = loss
+        return report
+
+    @property
+    def tunes_on_val(self) -> bool:
+        """Whether `tuned` learns anything from val logits after training."""
+        return False
+
+    def tuned(self, logits: Tensor, targets: Tensor) -> "Objective":
+        """This objective with what it tunes after training (multi-label thresholds) fitted to val logits."""
+        return self
 
     def scores(self, logits: Tensor) -> Tensor:
         """Per-class scores in [0, 1] of a (B, C) batch of logits."""
         raise NotImplementedError
 
-    def answer(self, logits: Tensor, classes: list[str], k: int) -> Answer:
-        """One image's answer from its (C,) logits over its task's `classes`."""
+    def answer(self, logits: Tensor, classes: list[str], k: int | None) -> Answer:
+        """One image's answer from its (C,) logits over its task's `classes`: the `k` best classes,
+        or with `k` None the task type's own answer (top 3; multi-label: every class over its threshold)."""
         raise NotImplementedError
 
 
 SINGLE_LABEL = "single-label"  # every task file from before objectives were stored is one
+MULTI_LABEL = "multi-label"
 
-# Task type name -> (module, class): a registry that needs no torch to list or check names (the
-# task-file validation and `vpt tasks` use it); the class is imported when a task needs it.
-_OBJECTIVES: dict[str, tuple[str, str]] = {
-    SINGLE_LABEL: ("vpt_cli.objectives.single_label", "SingleLabel"),
+# Task type name -> (module, class, multi_label): a registry that needs no torch to list or check
+# names, or to know whether a task file must hold thresholds (the task-file validation and `vpt
+# tasks` use it); the class is imported when a task needs it.
+_OBJECTIVES: dict[str, tuple[str, str, bool]] = {
+    SINGLE_LABEL: ("vpt_cli.objectives.single_label", "SingleLabel", False),
+    MULTI_LABEL: ("vpt_cli.objectives.multi_label", "MultiLabel", True),
 }
 
 
@@ -74,11 +116,16 @@ def objective_names() -> tuple[str, ...]:
     return tuple(_OBJECTIVES)
 
 
+def is_multi_label(name: str) -> bool:
+    """Whether the task type `name` (a registered one) gives an image several labels, without importing it."""
+    return _OBJECTIVES[name][2]
+
+
 def objective_class(name: str) -> type[Objective]:
     """The task type a task file names; an unknown one is refused like any other bad field."""
     if not isinstance(name, str) or name not in _OBJECTIVES:
         raise TaskError(f"objective must be one of {', '.join(_OBJECTIVES)}, not {str(name)[:40]!r}")
-    module, cls = _OBJECTIVES[name]
+    module, cls, multi_label = _OBJECTIVES[name]
     kind = getattr(importlib.import_module(module), cls)
-    assert kind.name == name, f"{module}.{cls} is registered as {name} but calls itself {kind.name}"
+    assert kind.name == name and kind.multi_label == multi_label, f"{module}.{cls} is registered as {name} but calls itself {kind.name}"
     return kind

@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vpt_cli.evaluation.metrics import MetricAccumulator
 from vpt_cli.objectives.balance import ClassBalance
 from vpt_cli.objectives.base import SINGLE_LABEL, Answer, Objective
 
 if TYPE_CHECKING:
     from vpt_cli.evaluation.metrics import EvalReport
+
+DEFAULT_TOP_K = 3  # classes answered when no k is asked for
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,14 @@ class SingleLabel(Objective):
         """Val top-1, ties to the lower val loss."""
         return report.top1, -(report.loss or 0.0)
 
+    def accumulator(self, num_classes: int) -> MetricAccumulator:
+        return MetricAccumulator(num_classes)
+
     def scores(self, logits: Tensor) -> Tensor:
         return logits.softmax(-1)
 
-    def answer(self, logits: Tensor, classes: list[str], k: int) -> Answer:
-        """The `k` most probable classes (fewer when the task has fewer)."""
+    def answer(self, logits: Tensor, classes: list[str], k: int | None) -> Answer:
+        """The `k` (DEFAULT_TOP_K) most probable classes (fewer when the task has fewer)."""
         probs = self.scores(logits[: len(classes)].float())
-        values, index = probs.topk(min(k, len(classes)))
+        values, index = probs.topk(min(DEFAULT_TOP_K if k is None else k, len(classes)))
         return [(classes[c], float(v)) for v, c in zip(values.tolist(), index.tolist())]

@@ -44,7 +44,7 @@ class Pair:
 
     image: torch.Tensor  # transformed (3, H, W)
     task: int  # index into server.names
-    top_k: int
+    top_k: int | None  # None: the task's own answer
     server: TaskServer
     future: asyncio.Future = field(repr=False)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -85,7 +85,7 @@ class Batcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="vpt-batcher")
 
-    def submit(self, server: TaskServer, images: list[torch.Tensor], tasks: list[int], top_k: int) -> list[asyncio.Future]:
+    def submit(self, server: TaskServer, images: list[torch.Tensor], tasks: list[int], top_k: int | None) -> list[asyncio.Future]:
         """Queue pairs (images[i], tasks[i]) -> one future per pair, resolving to an Answer."""
         if self._closing:
             raise Closed("the server is shutting down")

@@ -263,8 +263,8 @@ _MULTIPART_SCHEMA = {
         "task": {"type": "array", "items": {"type": "string"},
                  "description": "One value for all images or one per image; a value may name several tasks "
                                 "separated by commas."},
-        "top_k": {"type": "integer", "default": 5, "minimum": 1, "maximum": MAX_TOP_K,
-                  "description": "Classes per image and task."},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K,
+                  "description": "Classes per image and task; omitted: each task's own answer (single-label: its 3 best classes; multi-label: every label over its threshold)."},
     },
 }
 
@@ -419,7 +419,7 @@ async def _read_predict(request: Request, max_images: int) -> tuple[list[tuple[O
             raise _too_many(max_images)
         images = [(upload.filename, await upload.read()) for upload in uploads]
         tasks = [value for value in form.getlist("task") if isinstance(value, str)]
-        top_k = _top_k(form.get("top_k", "5"))
+        top_k = _top_k(form.get("top_k"))
     elif kind == "application/json":
         try:
             raw = json.loads(await request.body())
@@ -457,7 +457,10 @@ def _too_many(max_images: int) -> ApiError:
     return ApiError(413, "too_many_images", f"at most {max_images} images per request (--max-images)")
 
 
-def _top_k(value: Any) -> int:
+def _top_k(value: Any) -> int | None:
+    """A request's top_k; None (not given) is each task's own answer."""
+    if value is None:
+        return None
     try:
         k = int(value)
     except (TypeError, ValueError):
@@ -505,7 +508,7 @@ def _unknown(name: str, snapshot: Snapshot) -> str:
 
 
 async def _answer(state: ServeState, snapshot: Snapshot, images: list[tuple[Optional[str], bytes]],
-                  wanted: list[list[str]], top_k: int, started: float) -> schemas.PredictAnswer:
+                  wanted: list[list[str]], top_k: int | None, started: float) -> schemas.PredictAnswer:
     """Decode in the pool, queue every (image, task) pair, wait for their batched answers (bounded)."""
     try:
         return await asyncio.wait_for(_answer_unbounded(state, snapshot, images, wanted, top_k, started),
@@ -515,7 +518,7 @@ async def _answer(state: ServeState, snapshot: Snapshot, images: list[tuple[Opti
 
 
 async def _answer_unbounded(state: ServeState, snapshot: Snapshot, images: list[tuple[Optional[str], bytes]],
-                            wanted: list[list[str]], top_k: int, started: float) -> schemas.PredictAnswer:
+                            wanted: list[list[str]], top_k: int | None, started: float) -> schemas.PredictAnswer:
     loop = asyncio.get_running_loop()
     server = snapshot.server
     decode_started = time.perf_counter()

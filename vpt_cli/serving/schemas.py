@@ -20,7 +20,8 @@ class PredictJSON(BaseModel):
                                           "never URLs or paths.")
     tasks: list[str] = Field(description="One entry for all images, or one per image; an entry may name several "
                                          "tasks separated by commas ('birds,cars'), each answered for its image(s).")
-    top_k: int = Field(5, ge=1, le=100, description="Classes per image and task (fewer when a task has fewer).")
+    top_k: Optional[int] = Field(None, ge=1, le=100, description="Classes per image and task (fewer when a task "
+                                 "has fewer); omitted: each task's own answer (single-label: its 3 best classes; multi-label: every label over its threshold).")
 
 
 class Label(BaseModel):

@@ -5,6 +5,9 @@ This is the library API a web service calls (and what `vpt predict` runs on):
     server = load_tasks(["birds", "cars"])
     server.predict([pil_image_1, pil_image_2], ["birds", "cars"], top_k=3)
 
+Each task answers under its own objective (its task type): single-label tasks with their most
+probable classes, multi-label tasks with every class over its threshold, in the same batch.
+
 Tasks must have been trained on the same backbone (timm name, weights fingerprint, image size,
 data config); anything else is a TaskError, because their prompts would be meaningless on it.
 """
@@ -23,12 +26,12 @@ from vpt_cli.core.errors import TaskError, UsageError
 from vpt_cli.data import build_transform
 from vpt_cli.models.backbones import Backbone
 from vpt_cli.models.multitask import MultiTaskViT
-from vpt_cli.objectives import Objective
+from vpt_cli.objectives import Answer, Objective
 from vpt_cli.runtime.device import autocast
 from vpt_cli.serving.loading import load_for_inference, task_model
 
-# (class name, probability), best first: one task's answer for one image.
-TopK = list[tuple[str, float]]
+# (class name, probability), best first: one task's answer for one image (vpt_cli.objectives.Answer).
+TopK = Answer
 
 # Tokens per CPU batch for the automatic batch size: past this, bigger batches stop paying off
 # on a few cores and only cost memory.
@@ -70,19 +73,20 @@ class TaskServer:
         with torch.inference_mode(), autocast(self.device, amp):
             return self.model(images.to(self.device), task_index.to(self.device)).float()
 
-    def top_k(self, logits: torch.Tensor, task_index: torch.Tensor, k: int) -> list[TopK]:
-        """Each row's answer under its own task's objective: the `k` best classes of that task."""
+    def top_k(self, logits: torch.Tensor, task_index: torch.Tensor, k: int | None) -> list[TopK]:
+        """Each row's answer under its own task's objective: the `k` best classes of that task, or
+        with `k` None the task's own answer (multi-label: its classes over their thresholds)."""
         return self.top_k_each(logits, task_index, [k] * len(task_index))
 
-    def top_k_each(self, logits: torch.Tensor, task_index: torch.Tensor, ks: Sequence[int]) -> list[TopK]:
+    def top_k_each(self, logits: torch.Tensor, task_index: torch.Tensor, ks: Sequence[int | None]) -> list[TopK]:
         """`top_k` with its own `k` per row (requests in one served batch ask for different k)."""
         objectives, logits = self.objectives, logits.cpu()
         return [objectives[task].answer(logits[row], self.infos[task].classes, k)
                 for row, (task, k) in enumerate(zip(task_index.cpu().tolist(), ks))]
 
-    def predict(self, images: torch.Tensor | Sequence[Image.Image], tasks: str | Sequence[str], top_k: int = 5,
-                amp: bool = False) -> list[TopK]:
-        """Top-k per image: a normalised (B, 3, H, W) batch or PIL images, one task or one per image."""
+    def predict(self, images: torch.Tensor | Sequence[Image.Image], tasks: str | Sequence[str],
+                top_k: int | None = None, amp: bool = False) -> list[TopK]:
+        """Each image's answer (see `top_k`): a normalised (B, 3, H, W) batch or PIL images, one task or one per image."""
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.transform(image.convert("RGB")) for image in images])
         index = self.task_index(tasks, images.shape[0])

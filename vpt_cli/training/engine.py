@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from vpt_cli.config.run import FULL_FINETUNE_LR, MIN_VAL_PER_CLASS_TO_SELECT, TOKEN_INIT_IMAGES, TrainConfig
 from vpt_cli.core.errors import TrainingInterrupted
-from vpt_cli.evaluation.metrics import EvalReport, MetricAccumulator
+from vpt_cli.evaluation.metrics import EvalReport
 from vpt_cli.models.prompted import PromptedViT
 from vpt_cli.objectives import Objective
 from vpt_cli.objectives.single_label import SingleLabel
@@ -37,6 +37,7 @@ class FitResult:
     train_images_per_sec: float
     probe_val_acc: float | None = None
     selection: str = "best"  # which epoch was kept: "best" on val or "last"
+    objective: Objective = field(default_factory=SingleLabel)  # as the task answers: thresholds tuned on val
 
 
 def build_optimizer(model: PromptedViT, config: TrainConfig) -> torch.optim.Optimizer:
@@ -93,11 +94,11 @@ BatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, classes: list[str], context: RunContext, description: str = "eval",
              on_batch: BatchObserver | None = None, objective: Objective = SingleLabel()) -> EvalReport:
-    """Metrics of `model` over `loader` (streamed: logits are not all kept in memory; `on_batch`
-    sees each batch's outputs when a caller wants per-image answers)."""
+    """Metrics of `model` over `loader` under `objective` (streamed: single-label logits are not
+    all kept in memory; `on_batch` sees each batch's outputs when a caller wants per-image answers)."""
     device, amp, reporter = context.device, context.amp, context.reporter
     model.eval()
-    accumulator = MetricAccumulator(len(classes))
+    accumulator = objective.accumulator(len(classes))
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
     for batch in loader:
         if batch is None:
@@ -116,6 +117,21 @@ def evaluate(model: nn.Module, loader: Iterable, classes: list[str], context: Ru
     return accumulator.report(classes)
 
 
+def evaluate_tuned(model: nn.Module, loader: Iterable, classes: list[str], context: RunContext, objective: Objective,
+                   description: str = "val") -> tuple[Objective, EvalReport]:
+    """(`objective` tuned on this split's logits, its report there): multi-label thresholds are
+    fitted to val after training; other objectives come back as they are, with `evaluate`'s report."""
+    if not objective.tunes_on_val:
+        return objective, evaluate(model, loader, classes, context, description, objective=objective)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    report = evaluate(model, loader, classes, context, description, on_batch=lambda *batch: kept.append(batch),
+                      objective=objective)
+    indices, logits, targets = (torch.cat(parts) for parts in zip(*kept)) if kept else (torch.empty(0),) * 3
+    logits, targets = distributed.gather_rows(indices.long(), logits, targets)
+    tuned = objective.tuned(logits, targets)
+    return tuned, tuned.report(logits, targets, classes, loss=report.loss)
+
+
 def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     context: RunContext, description: str,
@@ -130,7 +146,7 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
     reporter.start(description, len(loader.dataset) if hasattr(loader, "dataset") else None)
     for batch in loader:
         if batch is None and distributed.world_size() > 1:  # every process takes part in every step
-            batch = empty_batch(model)
+            batch = empty_batch(model, objective.multi_label)
         if batch is None:
             continue
         images, labels, _ = batch
@@ -154,11 +170,14 @@ def train_one_epoch(model: PromptedViT, loader: Iterable, optimizer: torch.optim
     return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed, 1e-9)
 
 
-def empty_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def empty_batch(model: nn.Module, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """No images, for a process whose whole share of a step failed to decode: it still steps
-    (adding nothing), as DDP needs every process in every gradient all-reduce."""
-    size = getattr(model, "module", model).backbone.patch_embed.img_size
-    return torch.zeros(0, 3, *size), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    (adding nothing), as DDP needs every process in every gradient all-reduce. Multi-label
+    targets are (0, classes) rows."""
+    inner = getattr(model, "module", model)
+    labels = (torch.zeros(0, inner.head.out_features, dtype=torch.long) if multi_label
+              else torch.zeros(0, dtype=torch.long))
+    return torch.zeros(0, 3, *inner.backbone.patch_embed.img_size), labels, torch.zeros(0, dtype=torch.long)
 
 
 # A last epoch this far below the probe start on val is more than small-split noise: say so.
@@ -169,8 +188,8 @@ class TrainingRun:
     """One training run that advances an epoch at a time, keeping its best-on-val weights.
 
     `fit` drives one run to the end; a sweep (vpt_cli.training.sweep) interleaves many runs and stops the
-    hopeless ones between epochs. The best key is (val top-1, -val loss); the starting point
-    (the probe-initialised head) is a candidate too, so a run never ends below the probe on val.
+    hopeless ones between epochs. The best key is the objective's (val top-1, or mAP for
+    multi-label tasks, then -val loss); the starting point (the probe-initialised head) is a candidate too, so a run never ends below the probe on val.
     With `select` "last" (or "auto" and fewer than MIN_VAL_PER_CLASS_TO_SELECT val images per
     class) every epoch replaces the kept weights and nothing stops early: on such a val split the
     pick is noise, and it kept the untrained start on few-shot folders (README, "Defaults"); a
@@ -269,9 +288,9 @@ class TrainingRun:
             self.best_state = self._snapshot()
         else:
             self.state["since_best"] += 1
-        stats = EpochStats(epoch, config.epochs, loss, acc, report.top1 if report else None,
+        stats = EpochStats(epoch, config.epochs, loss, acc, report.score if report else None,
                            report.loss if report else None, self.optimizer.param_groups[0]["lr"], speed,
-                           time.perf_counter() - started, is_best, report.balanced_accuracy if report else None)
+                           time.perf_counter() - started, is_best, report.second_score if report else None)
         self.history.append(stats)
         self.state.update(epoch=epoch, history=[asdict(h) for h in self.history])
         self.reporter.epoch_end(stats)
@@ -289,17 +308,22 @@ class TrainingRun:
                             scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
 
     def finish(self, stopped_early: bool) -> FitResult:
-        """Load the best weights into the model and score them on val once more."""
+        """Load the best weights into the model, tune what the objective tunes on val (multi-label
+        thresholds) and score them there once more."""
         self.model.load_task_state_dict(self.best_state)
-        best_report = self._score_val()
+        objective, best_report = self.objective, None
+        if self.val_loader:
+            objective, best_report = evaluate_tuned(self.model, self.val_loader, self.classes, self.context,
+                                                    self.objective)
         start = self.state["probe_val_acc"]
-        if self.select_last and best_report and start is not None and best_report.top1 < start - LAST_EPOCH_WARNING_GAP:
-            self.reporter.log(f"warning: the last epoch scores {best_report.top1:.3f} on val, below the linear-probe "
-                              f"start's {start:.3f}; retry with a lower --lr, or --select best to keep the start")
+        if self.select_last and best_report and start is not None and best_report.score < start - LAST_EPOCH_WARNING_GAP:
+            self.reporter.log(f"warning: the last epoch scores {best_report.score:.3f} val {best_report.score_name}, "
+                              f"below the linear-probe start's {start:.3f}; retry with a lower --lr, or --select best "
+                              "to keep the start")
         speeds = [h.images_per_sec for h in self.history]
         return FitResult(self.history, self.state["best_epoch"], best_report, stopped_early,
                          sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"],
-                         "last" if self.select_last else "best")
+                         "last" if self.select_last else "best", objective)
 
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],

@@ -18,9 +18,11 @@ from vpt_cli.config import RunConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.core.fileio import write_text
 from vpt_cli.evaluation.metrics import EvalReport
+from vpt_cli.evaluation.multilabel import MultiLabelReport
 from vpt_cli.evaluation.plots import render_history_png
 from vpt_cli.models.folding import fold_task_state
 from vpt_cli.models.prompted import PromptedViT
+from vpt_cli.objectives import Objective
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.reporting import EpochStats
 from vpt_cli.training.engine import FitResult, TrainingRun
@@ -33,7 +35,7 @@ class TrainResult:
     task_path: Path
     task_name: str
     classes: list[str]
-    val_report: EvalReport | None
+    val_report: EvalReport | MultiLabelReport | None
     history: list[EpochStats]
     best_epoch: int  # the epoch kept as the task (0: the probe start), chosen by `selection`
     selection: str
@@ -48,7 +50,7 @@ class TrainResult:
     backbone_bytes: int
     run_dir: Path
     seconds: float
-    test_report: EvalReport | None = None  # --trainval: the test split, never used for selection
+    test_report: EvalReport | MultiLabelReport | None = None  # --trainval: the test split, never used for selection
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,25 +68,28 @@ class TrainResult:
 
 
 
-def task_file(run: PreparedRun, config: RunConfig, state: dict[str, torch.Tensor], report: EvalReport | None,
-              provenance: dict[str, Any], test_report: EvalReport | None = None) -> Task:
+def task_file(run: PreparedRun, config: RunConfig, state: dict[str, torch.Tensor],
+              report: EvalReport | MultiLabelReport | None, provenance: dict[str, Any],
+              test_report: EvalReport | MultiLabelReport | None = None, objective: Objective | None = None) -> Task:
     """The task file of a model's raw `state` from this run: the method's prompt transform folded
-    into the prompts it stores (vpt_cli.models.folding), and what it says about itself
-    (`test_report`: --trainval's test split, scored once and never selected on)."""
+    into the prompts it stores (vpt_cli.models.folding), and what it says about itself."""
     tensors, prompt = fold_task_state(state, config.prompt)
-    return Task(task_info(run, config, prompt, report, provenance, test_report), tensors)
+    return Task(task_info(run, config, prompt, report, provenance, test_report, objective), tensors)
 
 
-def task_info(run: PreparedRun, config: RunConfig, prompt: dict[str, Any], report: EvalReport | None,
-              provenance: dict[str, Any], test_report: EvalReport | None = None) -> TaskInfo:
-    """What a task file made from this run says about itself; `prompt` is the stored prompts' own
-    metadata (folded ones say so)."""
+def task_info(run: PreparedRun, config: RunConfig, prompt: dict[str, Any], report: EvalReport | MultiLabelReport | None,
+              provenance: dict[str, Any], test_report: EvalReport | MultiLabelReport | None = None,
+              objective: Objective | None = None) -> TaskInfo:
+    """What a task file made from this run says about itself (`prompt`: the stored prompts' own
+    metadata, folded ones say so; `test_report`: --trainval's test split, scored once and never
+    selected on; `objective`: as tuned after training, default the run's own)."""
+    objective = objective or run.objective
     return TaskInfo(
-        objective=run.objective.name,
+        objective=objective.name, thresholds=objective.task_thresholds(),
         name=run.name, backbone=run.backbone.name, backbone_fingerprint=run.backbone.fingerprint,
         img_size=run.backbone.img_size, data_config=_jsonable(run.backbone.data_config), prompt=prompt,
         classes=run.classes, backbone_kwargs=config.backbone.kwargs, backbone_weights=run.backbone.weights,
-        metrics={**_summary(report, "val"), **_summary(test_report, "test")},
+        metrics={**(report.summary("val") if report else {}), **(test_report.summary("test") if test_report else {})},
         provenance={
             "data": str(Path(config.data.path).resolve()), "split": run.split_source, "num_train": run.num_train,
             "num_val": run.num_val, "seed": config.train.seed, "stores": config.prompt.info.stores,
@@ -118,7 +123,8 @@ class EpochWriter:
         save_task(task_file(run, config, training.best_state, None,
                             {"epoch": training.state["best_epoch"], "kept": "best"}),
                   run.run_dir / "best.safetensors", force=True)
-        write_results(run.run_dir, history, training.state["probe_val_acc"], training.state["best_epoch"])
+        write_results(run.run_dir, history, training.state["probe_val_acc"], training.state["best_epoch"],
+                      run.objective.score_columns)
         if self.events is not None:
             for tag, field in TENSORBOARD_SCALARS.items():
                 value = getattr(last_report, field)
@@ -148,12 +154,15 @@ def tensorboard_writer(run_dir: Path) -> Any:
 
 
 
-def write_results(run_dir: Path, history: list[EpochStats], probe_acc: float | None, kept_epoch: int) -> None:
-    """results.csv (one row per epoch) and results.png (curves, probe start, kept epoch)."""
-    columns = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
-               "images_per_sec", "seconds")
-    lines = [",".join(columns)] + [",".join("" if getattr(h, c) is None else f"{getattr(h, c):.6g}" for c in columns)
-                                   for h in history]
+def write_results(run_dir: Path, history: list[EpochStats], probe_acc: float | None, kept_epoch: int,
+                  score_columns: tuple[str, str] = ("val_acc", "val_balanced_acc")) -> None:
+    """results.csv (one row per epoch) and results.png (curves, probe start, kept epoch). The two
+    val score columns are named by the objective (val_map, val_macro_f1 for multi-label tasks)."""
+    fields = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
+              "images_per_sec", "seconds")
+    named = dict(zip(("val_acc", "val_balanced_acc"), score_columns))
+    lines = [",".join(named.get(f, f) for f in fields)] + [
+        ",".join("" if getattr(h, f) is None else f"{getattr(h, f):.6g}" for f in fields) for h in history]
     write_text(run_dir / "results.csv", "\n".join(lines) + "\n")
     if history:
         render_history_png([asdict(h) for h in history], run_dir / "results.png", probe_acc=probe_acc,
@@ -170,11 +179,11 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
     saved = task_file(run, config, model.task_state_dict(), report,
                       {"skipped": len(skipped), "best_epoch": result.best_epoch, "selection": result.selection,
                        "epochs_run": len(history), "run_dir": str(run.run_dir), **(extra_provenance or {})},
-                      test_report=test_report)
+                      test_report=test_report, objective=result.objective)
     if distributed.is_main():
         save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
         write_skipped(run.run_dir, skipped)
-        write_results(run.run_dir, history, result.probe_val_acc, result.best_epoch)
+        write_results(run.run_dir, history, result.probe_val_acc, result.best_epoch, result.objective.score_columns)
     trainable = sum(p.numel() for group in model.parameter_groups().values() for p in group)
     return TrainResult(
         task_path=run.task_path, task_name=run.name, classes=run.classes, val_report=report, history=history,
@@ -196,15 +205,6 @@ def failures_while_loading(run: PreparedRun) -> list[tuple[str, str]]:
     found = distributed.gather_lists([(str(path), reason) for loader in loaders if loader is not None
                                       for path, reason in loader.dataset.failures])
     return list(dict.fromkeys(found))
-
-
-
-def _summary(report: EvalReport | None, split: str) -> dict[str, Any]:
-    if report is None:
-        return {}
-    return {f"{split}_top1": report.top1, f"{split}_top5": report.top5,
-            f"{split}_balanced_accuracy": report.balanced_accuracy, f"{split}_macro_f1": report.macro_f1,
-            f"{split}_samples": report.num_samples}
 
 
 

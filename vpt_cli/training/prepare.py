@@ -19,6 +19,7 @@ from vpt_cli.core.fileio import write_text
 from vpt_cli.data import (
     DecodeCache,
     ImageDataset,
+    LabelFormat,
     Sample,
     auto_workers,
     build_transform,
@@ -30,6 +31,7 @@ from vpt_cli.data import (
     validate_samples,
 )
 from vpt_cli.data.splits import DatasetSplits
+from vpt_cli.evaluation.multilabel import FALLBACK_THRESHOLD
 from vpt_cli.models.backbones import (
     Backbone,
     check_backbone_name,
@@ -37,7 +39,9 @@ from vpt_cli.models.backbones import (
     check_weights_reachable,
     create_backbone,
 )
+from vpt_cli.objectives import Objective
 from vpt_cli.objectives.balance import ClassBalance
+from vpt_cli.objectives.multi_label import MultiLabel, positive_weights
 from vpt_cli.objectives.single_label import SingleLabel
 from vpt_cli.runtime import distributed
 from vpt_cli.runtime.device import pick_device, seed_everything
@@ -66,16 +70,24 @@ class PreparedRun:
     test_loader: Any | None  # --trainval: the test split, scored once after training
     class_counts: list[int]  # training images per class, as trained (after --shots and unreadable files)
     shot_files: list[str] | None  # the files --shots kept, relative to DATA; None without --shots
+    multi_label: bool = False  # several labels per image (a CSV's labels column)
 
     def resolve(self, config: RunConfig) -> RunConfig:
         """`config` (a variant of this run's, as given: a sweep's trial) resolved as this run's was."""
         return config.resolve(self.backbone.facts, workers=self.config.data.workers)
 
     @property
-    def objective(self) -> SingleLabel:
-        """What the run optimises: one label per image under its class balance."""
+    def objective(self) -> Objective:
+        """What the run optimises: one label per image under its class balance, or several with
+        binary losses (positive weights for a balance, --threshold or thresholds tuned on val)."""
         train = self.config.train
-        return SingleLabel(ClassBalance(train.balance, tuple(self.class_counts), train.tau))
+        balance = ClassBalance(train.balance, tuple(self.class_counts), train.tau)
+        if not self.multi_label:
+            return SingleLabel(balance)
+        fixed = train.fixed_threshold  # None: tuned after training, FALLBACK_THRESHOLD until then
+        return MultiLabel(loss_kind=train.loss, pos_weight=positive_weights(balance, self.num_train),
+                          thresholds=(FALLBACK_THRESHOLD if fixed is None else fixed,) * len(self.classes),
+                          tune=fixed is None)
 
 
 def check_run(config: RunConfig) -> DatasetSplits:
@@ -89,7 +101,10 @@ def check_run(config: RunConfig) -> DatasetSplits:
     check_weights_file(config.backbone)
     seed_everything(config.train.seed)
     splits = discover_splits(Path(config.data.path), config.data.val_split, config.train.seed,
-                             data_format=config.data.format, trainval=config.data.trainval)
+                             data_format=config.data.format, trainval=config.data.trainval,
+                             labels=LabelFormat(config.data.multi_label, config.data.label_sep))
+    if splits.multi_label:
+        _check_multi_label(config)
     if config.data.shot_count is not None:
         splits.train = few_shot(splits.train, config.data.shot_count, config.train.seed)
     return splits
@@ -150,7 +165,17 @@ def prepare_run(config: RunConfig, task: ClaimedTask, splits: DatasetSplits, rep
                        skipped, run_dir, backbone, pick_device(config.train.device), train_loader, probe_loader, val_loader,
                        test_loader=test_loader,
                        class_counts=class_counts(train_samples, len(splits.classes)),
-                       shot_files=_relative(train_samples, data_root) if config.data.shot_count is not None else None)
+                       shot_files=_relative(train_samples, data_root) if config.data.shot_count is not None else None,
+                       multi_label=splits.multi_label)
+
+
+def _check_multi_label(config: RunConfig) -> None:
+    """Settings that would change or ignore a multi-label image's labels are refused."""
+    if config.data.augment == "crop":
+        raise UsageError("--augment crop can cut a labelled object out of a multi-label image; use flip or none")
+    if config.train.balance == "resample":
+        raise UsageError("--balance resample draws images by their class, which a multi-label image has several "
+                         "of; use reweight (per-class positive weights)")
 
 
 def _relative(samples: list[Sample], data_root: Path) -> list[str]:

@@ -50,8 +50,8 @@ def extract_features(model: PromptedViT, loader: Iterable, context: RunContext) 
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     weight_decay: float, steps: int = PROBE_STEPS, objective: Objective = SingleLabel()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (L2-regularised, L-BFGS): the linear probe's solution,
-    under the run's objective (its class balance included).
+    """Logistic regression (L2-regularised, L-BFGS): the linear probe's solution under the run's
+    objective: multinomial with its class balance, or one binary regression per class (multi-label).
 
     Fitted in float64: in float32 a hundred L-BFGS steps amplify the last-bit differences of how
     matrix products are summed (they change with the thread and process count) into a different
@@ -79,7 +79,8 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     The probe's L2 strength is picked on the val split when there is one. Training then starts
     at the probe's accuracy instead of chance, which is what lets prompts beat the probe on
     small folders (see README, "Defaults"). When balancing classes, the strength is picked by
-    balanced accuracy, which is what balancing is for. Returns the probe's val score.
+    balanced accuracy, which is what balancing is for; for multi-label tasks by val mAP. Returns
+    the probe's val score.
     """
     train_x, train_y = extract_features(model, train_loader, context)
     val_x, val_y = extract_features(model, val_loader, context) if val_loader else (None, None)
@@ -97,5 +98,5 @@ def probe_init_head(model: PromptedViT, train_loader: Iterable, val_loader: Iter
     with torch.no_grad():
         model.head.weight.copy_(best[1])
         model.head.bias.copy_(best[2])
-    context.reporter.log(f"linear probe head: val acc {best[0]:.4f}")
+    context.reporter.log(f"linear probe head: val {objective.score_name} {best[0]:.4f}")
     return best[0] if val_x is not None and len(val_x) else None
