@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vpt_cli import __version__
 from vpt_cli.core.errors import UsageError, VPTError, one_line
 from vpt_cli.data.images import ImageLoadError, decode_image_bytes
+from vpt_cli.methods import get_method
 from vpt_cli.serving import schemas
 from vpt_cli.serving.batcher import BATCHING, Batcher, Closed, QueueFull
 from vpt_cli.serving.guard import Guard
@@ -575,7 +576,7 @@ def _count(state: ServeState, route: str, tasks: list[str], status: int) -> None
 def _card(task: ServedTask) -> schemas.TaskCard:
     prompt = task.info.prompt
     return schemas.TaskCard(name=task.name, classes=task.info.classes, method=str(prompt.get("method", "")),
-                            prompts=0 if prompt.get("method") == "linear" else int(prompt.get("num_prompts") or 0),
+                            prompts=int(prompt.get("num_prompts") or 0) if get_method(prompt["method"]).prompts else 0,
                             created=task.info.provenance.get("created"), sha256=task.sha256)
 
 
