@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -50,9 +51,10 @@ class TaskServer:
     device: torch.device
     transform: Callable[[Image.Image], torch.Tensor]
 
-    @property
+    @cached_property
     def objectives(self) -> list[Objective]:
-        """Each loaded task's task type, in load order: it turns that task's logits into answers."""
+        """Each loaded task's task type, in load order: it turns that task's logits into answers
+        (built once per server: a hot swap builds a new server, so the tasks never change under it)."""
         return [info.new_objective() for info in self.infos]
 
     def index(self, task: str) -> int:
