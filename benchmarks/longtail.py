@@ -37,7 +37,7 @@ from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_lo
 from vpt_cli.evaluation.metrics import classification_report, shot_group_accuracy  # noqa: E402
 from vpt_cli.models.backbones import create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
-from vpt_cli.objectives import SingleLabel  # noqa: E402
+from vpt_cli.objectives.single_label import SingleLabel  # noqa: E402
 from vpt_cli.objectives.balance import ClassBalance  # noqa: E402
 from vpt_cli.runtime.context import RunContext  # noqa: E402
 from vpt_cli.training.probe import extract_features, fit_linear_head  # noqa: E402

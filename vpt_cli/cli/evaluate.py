@@ -42,9 +42,9 @@ def evaluate(
     (multi-label tasks: mAP, micro/macro F1, exact match, Hamming loss, per-class AP/F1)."""
 
     def action() -> None:
+        launch_if_asked(devices)  # before the library's imports: the launcher only starts the processes
         from vpt_cli import api
 
-        launch_if_asked(devices)
         result = api.evaluate(data, task, path_text(backbone_weights), batch_size, device.value, workers, amp,
                               output_dir, make_reporter(quiet), split=split, data_format=data_format.value,
                               label_sep=label_sep)

@@ -71,9 +71,9 @@ def predict(
     """
 
     def action() -> None:
+        launch_if_asked(devices)  # before the library's imports: the launcher only starts the processes
         from vpt_cli import api
 
-        launch_if_asked(devices)
         if tasks_from is None and not (images and task):
             raise UsageError("give IMAGES and at least one --task, or --tasks-from FILE.csv")
         if batch_size is not None and batch_size < 1:

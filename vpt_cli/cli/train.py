@@ -58,10 +58,10 @@ def train(
     """
 
     def action() -> None:
+        launch_if_asked(devices)  # before the library's imports: the launcher only starts the processes
         from vpt_cli import api
         from vpt_cli.config import load_config
 
-        launch_if_asked(devices)
         given = {**config_overrides(overrides or {}), "data.path": str(data)}
         run_folder = _run_folder(project, name, exist_ok, "runs/train", tensorboard)
         if resume:  # every setting comes from the checkpoint; the flags given may only extend or move it
