@@ -28,6 +28,7 @@ from _report import DEFAULT_WEIGHTS, machine_line, markdown_table, pin_malloc, w
 
 pin_malloc()
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from accuracy import CLASSES, FASHION, read_idx  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -37,8 +38,8 @@ from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_lo
 from vpt_cli.evaluation.metrics import classification_report, shot_group_accuracy  # noqa: E402
 from vpt_cli.models.backbones import create_backbone  # noqa: E402
 from vpt_cli.models.prompted import PromptedViT  # noqa: E402
-from vpt_cli.objectives.single_label import SingleLabel  # noqa: E402
 from vpt_cli.objectives.balance import ClassBalance  # noqa: E402
+from vpt_cli.objectives.single_label import SingleLabel  # noqa: E402
 from vpt_cli.runtime.context import RunContext  # noqa: E402
 from vpt_cli.training.probe import extract_features, fit_linear_head  # noqa: E402
 

@@ -24,9 +24,10 @@ from vpt_cli.cli.app import app as cli_app
 from vpt_cli.config import PromptConfig
 from vpt_cli.core.errors import UsageError
 from vpt_cli.serving.batcher import Batcher
-from vpt_cli.serving.http import ServeSettings, create_app
+from vpt_cli.serving.http import create_app
 from vpt_cli.serving.registry import LiveTasks
 from vpt_cli.serving.runner import check_exposure
+from vpt_cli.serving.settings import ServeSettings
 
 IMAGES = SERVE_IMAGES
 TASKS = SERVE_TASKS

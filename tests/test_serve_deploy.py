@@ -10,7 +10,8 @@ import typer
 import yaml
 
 from vpt_cli.cli.app import app as cli_app
-from vpt_cli.serving.http import ServeSettings, create_app
+from vpt_cli.serving.http import create_app
+from vpt_cli.serving.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

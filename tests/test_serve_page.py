@@ -87,8 +87,9 @@ def live_server(served):
     """Real uvicorn in a thread on a free loopback port, always stopped."""
     import uvicorn
 
-    from vpt_cli.serving.http import ServeSettings, create_app
+    from vpt_cli.serving.http import create_app
     from vpt_cli.serving.runner import bind
+    from vpt_cli.serving.settings import ServeSettings
 
     settings = ServeSettings(tasks=[str(served["folder"] / f"{name}.safetensors") for name in SERVE_TASKS],
                              device="cpu", workers=2)

@@ -58,8 +58,8 @@ def serve(
         # Straight to the serving layer, not through vpt_cli.api: api imports the training and
         # evaluation stack, which a server (often a fresh container) would load for nothing.
         from vpt_cli.artifact.home import tasks_dir as registry_dir
-        from vpt_cli.serving.http import ServeSettings
         from vpt_cli.serving.runner import serve as run_server
+        from vpt_cli.serving.settings import ServeSettings
 
         if all_tasks == bool(task):
             raise UsageError("give --task (repeatable) or --all-tasks")

@@ -16,7 +16,9 @@ import threading
 from collections.abc import Callable
 
 from vpt_cli.core.errors import UsageError
-from vpt_cli.serving.http import ServeSettings, ServeState, create_app
+from vpt_cli.serving.answering import ServeState
+from vpt_cli.serving.http import create_app
+from vpt_cli.serving.settings import ServeSettings
 
 
 def check_exposure(host: str, api_key: str | None, insecure_no_key: bool) -> None:
