@@ -139,12 +139,15 @@ def linear_probes(data: Path, weights: str, size: int, taus: list[float], seed: 
     return found
 
 
-def vpt_deep(data: Path, weights: str, size: int, mode: str, seed: int, epochs: int, work: Path) -> dict[str, float]:
-    """A default `vpt train` (all images train: no val split) with --balance `mode`, then `vpt eval`."""
+def vpt_deep(data: Path, weights: str, size: int, mode: str, seed: int, epochs: int, work: Path,
+             tau: float | None = None) -> dict[str, float]:
+    """A default `vpt train` (all images train: no val split) with --balance `mode` (and `--tau`
+    when given), then `vpt eval`."""
     config = load_config(None, {"data.path": str(data), "data.val_split": 0.0, "backbone.name": BACKBONE,
                                 "backbone.weights": weights, "backbone.img_size": size, "train.balance": mode,
-                                "train.epochs": epochs, "train.seed": seed, "data.workers": 0})
-    trained = api.train(config, task=str(work / f"{data.parent.name}-{mode}.safetensors"))
+                                "train.epochs": epochs, "train.seed": seed, "data.workers": 0,
+                                **({"train.tau": tau} if tau is not None else {})})
+    trained = api.train(config, task=str(work / f"{data.parent.name}-{mode}-{tau}.safetensors"))
     report = api.evaluate(data, trained.task_path, output_dir=work / "eval", split="test", workers=0).report
     return {"balanced": report.balanced_accuracy,
             **{k: v if v is not None else float("nan") for k, v in (report.shot_groups or {}).items()}}
@@ -172,6 +175,9 @@ def main() -> None:
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--taus", default="", help="linear probe: also logit-adjust at these taus, comma-separated, "
                         "and at the one a class-balanced held-out fifth of the training images picks")
+    parser.add_argument("--deep-modes", default=",".join(BALANCES), help="the --balance modes vpt-deep runs")
+    parser.add_argument("--deep-taus", default="", help="vpt-deep: also logit-adjust at these taus, comma-separated")
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear probes (vpt-deep rows only)")
     parser.add_argument("--section", default="longtail", help="docs/benchmarks.md section to rewrite")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()
@@ -188,13 +194,17 @@ def main() -> None:
             counts = longtail_counts(args.n_max, imbalance, len(CLASSES))
             for seed in range(args.seeds):
                 data = write_dataset(work / f"if{imbalance:g}_s{seed}", seed, counts, args.test_per_class, train, test)
-                for mode, row in linear_probes(data, args.weights, args.img_size, taus, seed).items():
+                probes = {} if args.no_linear else linear_probes(data, args.weights, args.img_size, taus, seed)
+                for mode, row in probes.items():
                     results.setdefault((imbalance, "linear", mode), []).append(row)
                     print(f"IF {imbalance:g} seed {seed} linear {mode}: {row}", flush=True)
-                for mode in BALANCES if imbalance in deep_at else ():
-                    row = vpt_deep(data, args.weights, args.img_size, mode, seed, args.epochs, work)
-                    results.setdefault((imbalance, "vpt-deep", mode), []).append(row)
-                    print(f"IF {imbalance:g} seed {seed} vpt-deep {mode}: {row}", flush=True)
+                deep_runs = [(mode, None) for mode in args.deep_modes.split(",") if mode] + [
+                    ("logit-adjust", float(tau)) for tau in args.deep_taus.split(",") if tau]
+                for mode, tau in deep_runs if imbalance in deep_at else ():
+                    row = vpt_deep(data, args.weights, args.img_size, mode, seed, args.epochs, work, tau)
+                    label = mode if tau is None else f"logit-adjust tau {tau:g}"
+                    results.setdefault((imbalance, "vpt-deep", label), []).append(row)
+                    print(f"IF {imbalance:g} seed {seed} vpt-deep {label}: {row}", flush=True)
                 print(f"IF {imbalance:g} seed {seed} done, {time.perf_counter() - started:.0f}s", flush=True)
     table = markdown_table(
         ["imbalance", "method", "--balance", "balanced acc %", "many %", "medium %", "few %"],
