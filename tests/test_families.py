@@ -237,6 +237,22 @@ def test_prompted_forward_matches_the_rule(family, method):
             torch.testing.assert_close(model.forward_features(batch), expected, atol=1e-6, rtol=0)
 
 
+def test_deit_distilled_own_pooling_has_a_name_that_reproduces_it():
+    """args.yaml names every run's pooling: DeiT-distilled's own (the mean of the CLS and
+    distillation outputs) is `prefix`, and a run given that name computes the same features, bit
+    for bit, with prompts (their outputs are not read) and without."""
+    backbone = tiny("deit-distilled")
+    facts = create_backbone(VARIANTS["deit-distilled"], pretrained=False).facts
+    assert PromptConfig().resolve(facts).pool == "prefix"
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for prompt in (PromptConfig(num_prompts=3), PromptConfig(method="linear")):
+        own, named = prompted(backbone, prompt), prompted(backbone, replace(prompt, pool="prefix"))
+        with torch.no_grad():
+            torch.testing.assert_close(named.forward_features(images), own.forward_features(images), atol=0, rtol=0)
+    with pytest.raises(UsageError, match="--pool prefix reads the CLS token"):
+        PromptedViT(tiny("swin"), 3, PromptConfig(num_prompts=1, pool="prefix"))
+
+
 @pytest.mark.parametrize("family", sorted(VARIANTS))
 def test_no_prompts_reproduce_the_backbone(family):
     backbone = tiny(family)

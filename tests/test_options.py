@@ -20,7 +20,7 @@ COMMANDS = [["--help"], ["train", "--help"], ["sweep", "--help"], ["eval", "--he
 
 
 def _help(args: list[str]) -> str:
-    result = runner.invoke(app, args, env={"COLUMNS": "400", "NO_COLOR": "1"})
+    result = runner.invoke(app, args, env={"COLUMNS": "500", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     return re.sub(r"\s+", " ", result.output)
 

@@ -41,6 +41,8 @@ def reference_features(backbone, prompts, images, pool):
         tokens = block(tokens)
     if pool == "token":
         return backbone.fc_norm(backbone.norm(tokens)[:, 0])
+    if pool == "prefix":  # this ViT's one prefix token: the CLS output's reading, as a mean of one row
+        return backbone.fc_norm(backbone.norm(tokens)[:, :1].mean(1))
     rows = {"avg": tokens[:, 1:], "avg-prompts": tokens[:, 1:1 + n], "avg-patches": tokens[:, 1 + n:]}[pool]
     fc_norm = backbone.fc_norm
     if isinstance(fc_norm, torch.nn.Identity):
@@ -71,7 +73,7 @@ def test_default_pooling_is_the_backbones_own_and_mae_tags_average():
 
     config = PromptConfig()
     assert config.resolve(facts("vit_base_patch16_224.augreg_in21k")).pool == "token"  # the backbone's own, by name
-    assert config.resolve(facts("deit_base_distilled_patch16_224", own=None)).pool is None  # no name for its own
+    assert config.resolve(facts("deit_base_distilled_patch16_224", own="prefix")).pool == "prefix"
     assert config.resolve(facts("vit_base_patch16_224.mae")).pool == "avg"
     assert PromptConfig(pool="token").resolve(facts("vit_large_patch16_224.mae")).pool == "token"
     assert config.pool is None  # resolve returns a new config, the given one is untouched
@@ -96,7 +98,7 @@ def test_onnx_bundle_and_single_task_keep_the_pooling(tiny_backbone, tmp_path):
 
 
 def test_pool_is_validated(tiny_weights):
-    with pytest.raises(UsageError, match="prompt.pool must be one of token, avg"):
+    with pytest.raises(UsageError, match="prompt.pool must be one of token, prefix, avg"):
         load_config(overrides={"prompt.pool": "max"})
     with pytest.raises(UsageError, match="avg-prompts"):
         load_config(overrides={"prompt.pool": "avg-prompts", "prompt.method": "linear"})

@@ -26,7 +26,7 @@ HEAD_INITS = ("probe", "zeros")
 PROMPT_INITS = ("tokens", "uniform")
 # The reference's readings of the last layer (vpt-method.md, "Pooling variants"); None in the
 # config means the backbone's own pooling.
-POOLS = ("token", "avg", "avg-patches", "avg-prompts")
+POOLS = ("token", "prefix", "avg", "avg-patches", "avg-prompts")
 # Checkpoints pretrained without a CLS objective, pooled by averaging in the reference code: a
 # backbone whose timm tag is one of these defaults to prompt.pool "avg".
 AVG_POOLED_TAGS = ("mae",)
@@ -92,7 +92,8 @@ class PromptConfig:
         "training images) or uniform (the paper's random init)."))
     pool: str | None = setting(
         None, flag="--pool", choices=POOLS, shown=f"the backbone's own; avg for .{', .'.join(AVG_POOLED_TAGS)} tags",
-        help="How the last layer becomes features: token (the CLS output), avg (the mean of every token after the "
+        help="How the last layer becomes features: token (the CLS output), prefix (the mean of the prefix outputs, as "
+        "distilled DeiT pools), avg (the mean of every token after the "
         "prefix, prompts included, then fc_norm; MAE and MoCo v3 in the paper), avg-patches or avg-prompts (the mean "
         "of those only).")
     fourier_fraction: float | None = setting(

@@ -85,7 +85,7 @@ class FamilyAdapter(ABC):
 
     def own_pool_name(self) -> str | None:
         """The backbone's own pooling by its name in config.POOLS, when it is one of them (a run's
-        args.yaml records it); None where it is none of them (DeiT's two-token average)."""
+        args.yaml records it); None where it is none of them (an attention-pooling head)."""
         return None
 
     def enable_dynamic_size(self) -> int:

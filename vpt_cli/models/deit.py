@@ -3,7 +3,8 @@
 Its layout is the plain ViT's with a second prefix token: `_pos_embed` puts [CLS, distillation]
 ahead of the patches, so prompts (appended after everything) come after both, as the method doc
 asks. timm's own head averages the CLS and distillation outputs, so under the backbone's own
-pooling the last layer computes those two rows (prompt.pool "token" reads the CLS output alone).
+pooling, which prompt.pool calls "prefix", the last layer computes those two rows (prompt.pool
+"token" reads the CLS output alone).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class DistilledViTAdapter(ViTAdapter):
     family = "deit-distilled"
 
     def own_pool_name(self) -> str | None:
-        return None  # the mean of the CLS and distillation outputs, which no prompt.pool names
+        return "prefix"  # the mean of the CLS and distillation outputs
 
     def own_pooling_rows(self, length: int) -> int:
         return self.model.num_prefix_tokens

@@ -140,8 +140,8 @@ def _check_pool(pool: str | None, prompts: int, backbone: nn.Module) -> None:
     average): a setting that does not fit the backbone, which config validation cannot see."""
     if pool not in (None, *POOLS):
         raise UsageError(f"unknown pooling '{pool}' (choose one of {', '.join(POOLS)})")
-    if pool == "token" and getattr(backbone, "cls_token", None) is None:
-        raise UsageError(f"--pool token reads the CLS token, which {type(backbone).__name__} has none of")
+    if pool in ("token", "prefix") and getattr(backbone, "cls_token", None) is None:
+        raise UsageError(f"--pool {pool} reads the CLS token, which {type(backbone).__name__} has none of")
     if pool == "avg-prompts" and not prompts:
         raise UsageError("--pool avg-prompts averages the prompt outputs, and this task has none")
 

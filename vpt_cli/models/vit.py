@@ -62,7 +62,7 @@ class ViTAdapter(FamilyAdapter):
     def rows_read_by_pooling(self, length: int, pool: str | None) -> int:
         if pool is None:
             return self.own_pooling_rows(length)
-        return 1 if pool == "token" else length
+        return {"token": 1, "prefix": self.num_prefix_tokens}.get(pool, length)
 
     def own_pool_name(self) -> str | None:
         model = self.model
@@ -82,6 +82,8 @@ class ViTAdapter(FamilyAdapter):
             return model.forward_head(model.norm(x), pre_logits=True)
         if pool == "token":  # what timm's head does with global_pool "token"
             return model.fc_norm(model.norm(x[:, 0]))
+        if pool == "prefix":  # DeiT-distilled's own: the mean of the CLS and distillation outputs
+            return model.fc_norm(model.norm(x[:, :self.num_prefix_tokens]).mean(1))
         prefix, end = self.num_prefix_tokens, x.shape[1] - prompts
         averaged = {"avg": x[:, prefix:], "avg-patches": x[:, prefix:end], "avg-prompts": x[:, end:]}
         if pool not in averaged:
