@@ -49,7 +49,7 @@ class Decoded:
 
 
 async def answer_request(state: ServeState, snapshot: Snapshot, images: list[tuple[Optional[str], bytes]],
-                  wanted: list[list[str]], top_k: int | None, started: float) -> schemas.PredictAnswer:
+                         wanted: list[list[str]], top_k: int | None, started: float) -> schemas.PredictAnswer:
     """Decode in the pool, queue every (image, task) pair, wait for their batched answers (bounded)."""
     try:
         return await asyncio.wait_for(_answer_unbounded(state, snapshot, images, wanted, top_k, started),
@@ -97,7 +97,8 @@ async def _answer_unbounded(state: ServeState, snapshot: Snapshot, images: list[
                             queue_ms=max(a.queue_s for a in answers) * 1000,
                             forward_ms=max(a.forward_s for a in answers) * 1000,
                             batch_size=max(a.batch_size for a in answers))
-    return schemas.PredictAnswer(results=results, backbone=backbone_info(snapshot), version=snapshot.version, timing=timing)
+    return schemas.PredictAnswer(results=results, backbone=backbone_info(snapshot), version=snapshot.version,
+                                 timing=timing)
 
 
 def _decode(transform: Callable, filename: Optional[str], data: bytes) -> Decoded:
