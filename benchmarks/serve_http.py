@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="backbone safetensors file")
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--prompts", type=int, default=10, help="VPT-deep prompts per task")
-    parser.add_argument("--ks", default="1,2,8", help="task counts the requests are spread over")
+    parser.add_argument("--ks", default="1,2,8", help="task counts the requests are spread over (must include 1)")
     parser.add_argument("--max-batch", type=int, default=16, help="the servers' --max-batch")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the servers' --max-wait-ms")
     parser.add_argument("--workers", type=int, default=2, help="the servers' decode threads")
@@ -261,6 +261,8 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the servers
     ks = [int(k) for k in args.ks.split(",")]
+    if 1 not in ks:  # the spread goal compares K tasks with all images on one task
+        parser.error("--ks must include 1")
     clients = args.clients or 2 * args.max_batch
     home = Path(tempfile.mkdtemp(prefix="vpt-serve-http-"))
     os.environ["VPT_HOME"] = str(home)
