@@ -44,8 +44,8 @@ def _train(weights, threads: int, name: str):
 def test_one_and_two_threads_pick_the_same_and_train_nearly_the_same(tiny_weights):
     """Measured on this run: a float32 probe of 100 L-BFGS steps left the two tasks 0.11-0.39
     apart, and a float64 one of 300 steps on raw features 7.5e-4 (its weakly regularised fits had
-    not converged, so last-bit noise moved them); centred features and a stop on the gradient
-    leave them 1.2e-5 apart."""
+    not converged, so last-bit noise moved them); centred features, a stop on the gradient and a
+    Newton solver leave them 1.2e-5 apart."""
     one, one_tensors = _train(tiny_weights, 1, "one")
     two, two_tensors = _train(tiny_weights, 2, "two")
     assert one.probe_val_acc == two.probe_val_acc and one.best_epoch == two.best_epoch

@@ -42,7 +42,7 @@ def render_train(console: Console, result: TrainResult) -> None:
         f"  task file      {result.task_bytes / 1e3:.1f} KB = {100 * ratio:.3f}% of the backbone "
         f"({result.backbone_bytes / 1e6:.1f} MB); {result.trainable_params:,} trained parameters",
         (f"  speed          {result.train_images_per_sec:.1f} train img/s, {result.seconds:.0f}s in all"
-         if result.history else f"  time           {result.seconds:.0f}s (features once, then L-BFGS; no epochs)"),
+         if result.history else f"  time           {result.seconds:.0f}s (features once, then a logistic regression; no epochs)"),
         f"  run folder     {safe(result.run_dir)} ({safe(', '.join(sorted(p.name for p in result.run_dir.iterdir())))})",
     ]
     for line in lines:
