@@ -77,7 +77,7 @@ def auto_workers(num_items: int) -> int:
 
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, workers: int | None, seed: int, drop_last: bool = False,
-    persistent: bool = True, class_balanced: bool = False, shard: tuple[int, int] = (0, 1),
+    class_balanced: bool = False, shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """A DataLoader that skips bad images and shuffles reproducibly for `seed` (its `generator`).
 
@@ -97,7 +97,6 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_skip_bad,
         generator=generator,
-        persistent_workers=persistent and workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
 

@@ -147,12 +147,14 @@ def prepare_run(config: RunConfig, task: ClaimedTask, splits: DatasetSplits, rep
     eval_transform = build_transform(backbone.data_config, train=False)
     eval_decode = DecodeCache(task.scratch, eval_size).load  # each photo decoded once per run, not once per epoch
     train_decode = DecodeCache(task.scratch, train_size).load
-    # Fresh loader workers each epoch (not persistent): they are seeded from the loader's generator,
-    # which the checkpoint saves, so a resumed run augments exactly as the uninterrupted one.
+    # Fresh loader workers each pass (never persistent): train workers are seeded from the loader's
+    # generator, which the checkpoint saves, so a resumed run augments exactly as the uninterrupted
+    # one; and a pass that ends shuts its workers down, where persistent ones outlived the run until
+    # a garbage collection, which then stalled 5 s per loader joining them.
     train_loader = make_loader(ImageDataset(train_samples, build_transform(backbone.data_config, True, config.data.augment),
                                             train_decode),
                                batch, shuffle=True, workers=workers, seed=config.train.seed,
-                               drop_last=len(train_samples) > batch, persistent=False,
+                               drop_last=len(train_samples) > batch,
                                class_balanced=config.train.balance == "resample", shard=shard)
     probe_loader = make_loader(ImageDataset(train_samples, eval_transform, eval_decode), batch, False, workers,
                                config.train.seed, shard=shard)
