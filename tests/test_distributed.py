@@ -155,7 +155,9 @@ def test_two_gloo_processes_evaluate_and_predict_what_one_process_does(tiny_weig
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    torch.multiprocessing.spawn(_shard_worker, args=(port, os.environ["VPT_HOME"], str(tmp_path)), nprocs=2)
+    # forked, not spawned: a spawned process would import torch, timm and this module again (7 s each)
+    torch.multiprocessing.start_processes(_shard_worker, args=(port, os.environ["VPT_HOME"], str(tmp_path)), nprocs=2,
+                                          start_method="fork")
     with _default_threads():
         alone_eval = api.evaluate(SAMPLE / "val", "single", batch_size=25, workers=0, output_dir=tmp_path / "eval1")
         alone_predict = api.predict([str(SAMPLE / "val" / "bag")], "single", top_k=3, workers=0)
@@ -189,7 +191,7 @@ def _launched_rank(launcher: int, rank: int) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the processes through /proc")
 def test_a_killed_process_ends_the_job_in_one_line_and_resume_continues_it(tiny_weights, tmp_path):
-    epochs = 8
+    epochs = 4  # killed once epoch 1 is saved: epochs 2-4 (seconds) are the margin before the job would end
     job = _vpt("train", str(SAMPLE), "--task", "killed", *_train_flags(tiny_weights, epochs), "--devices", "cpu:2",
                wait=False)
     checkpoint = tmp_path / "runs" / "train" / "killed" / "checkpoint.safetensors"
