@@ -17,6 +17,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `heavy` first (the order is otherwise kept): the longest jobs start while the
+    short ones are left to fill the other workers, instead of one of them starting last and
+    running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 def tiny_config(**overrides) -> BackboneConfig:
     """A 2-block, width-64 ViT at 32 px: every code path, a fraction of a second per step."""
     fields = dict(name="vit_tiny_patch16_224", img_size=32, kwargs=dict(TINY_KWARGS))

@@ -118,6 +118,7 @@ def _max_difference(task_a: Path, task_b: Path) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.heavy
 def test_two_gloo_processes_train_what_one_process_trains(tiny_weights, tmp_path):
     """`--devices cpu:2` relaunches the command as 2 gloo processes with global batch 25 (shares 13
     and 12); with prompt dropout 0 and no augmentation nothing random differs, so the task equals
@@ -189,6 +190,7 @@ def _launched_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the processes through /proc")
 def test_a_killed_process_ends_the_job_in_one_line_and_resume_continues_it(tiny_weights, tmp_path):
     epochs = 4  # killed once epoch 1 is saved: epochs 2-4 (seconds) are the margin before the job would end

@@ -303,6 +303,7 @@ for args in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.heavy
 def test_bombs_stay_within_bounded_memory(good_task, tmp_path):
     """A depth-4000 task and a 1 x 20000 image, in a fresh process: refused, small peak memory."""
     metadata, tensors = good_task

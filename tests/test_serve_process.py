@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from conftest import SERVE_IMAGES, SERVE_TASKS
 
 
@@ -21,6 +22,7 @@ def read_lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
+@pytest.mark.heavy
 def test_vpt_serve_on_a_free_port_answers_everything_accepted_then_exits_0_on_sigterm(served):
     tasks = [arg for name in list(SERVE_TASKS)[:2] for arg in ("--task", str(served["folder"] / f"{name}.safetensors"))]
     command = [sys.executable, "-m", "vpt_cli", "serve", *tasks, "--port", "0", "--device", "cpu", "--workers", "2",
