@@ -35,8 +35,13 @@ class ServeState:
 
     def snapshot(self) -> Snapshot:
         if not self.ready or self.live.current is None or self.batcher is None:
-            raise ApiError(503, "not_ready", "the server is still loading its tasks", {"Retry-After": "1"})
+            raise not_ready()
         return self.live.current
+
+
+def not_ready() -> ApiError:
+    """503 with Retry-After while the tasks load: what every route answers before the server is ready."""
+    return ApiError(503, "not_ready", "the server is still loading its tasks", {"Retry-After": "1"})
 
 
 @dataclass

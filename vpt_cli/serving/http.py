@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vpt_cli import __version__
 from vpt_cli.core.errors import UsageError, VPTError, one_line
 from vpt_cli.serving import schemas
-from vpt_cli.serving.answering import ServeState, answer_request, backbone_info, card, count_request
+from vpt_cli.serving.answering import ServeState, answer_request, backbone_info, card, count_request, not_ready
 from vpt_cli.serving.batcher import Batcher
 from vpt_cli.serving.guard import Guard
 from vpt_cli.serving.metrics import CONTENT_TYPE, ServeMetrics
@@ -234,7 +234,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         if state.metrics is None:
-            raise ApiError(503, "not_ready", "the server is still loading its tasks", {"Retry-After": "1"})
+            raise not_ready()
         return Response(state.metrics.text(), media_type=CONTENT_TYPE)
 
     # KServe / open inference protocol v2 ---------------------------------------------------------
