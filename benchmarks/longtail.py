@@ -33,7 +33,7 @@ from accuracy import CLASSES, FASHION, read_idx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vpt_cli import api  # noqa: E402
-from vpt_cli.config import BALANCES, BackboneConfig, PromptConfig, load_config  # noqa: E402
+from vpt_cli.config import BALANCES, BackboneConfig, PromptConfig, TrainConfig, load_config  # noqa: E402
 from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, read_eval_split  # noqa: E402
 from vpt_cli.evaluation.metrics import classification_report, shot_group_accuracy  # noqa: E402
 from vpt_cli.models.backbones import create_backbone  # noqa: E402
@@ -165,11 +165,13 @@ def mean_se(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--imbalance", default="10,50,100", help="imbalance factors, comma-separated")
-    parser.add_argument("--deep-imbalance", default="100", 
+    parser.add_argument("--deep-imbalance", default="100",
                         help="factors vpt-deep also runs at (it trains; the probe is cheap)")
     parser.add_argument("--n-max", type=int, default=110, help="training images of the largest class")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2, help="vpt-deep epochs")
+    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
+                        help="vpt-deep epochs (default: vpt train's; 2 epochs under-train the prompts: 5 already "
+                        "lift imbalance 100 from 57.0 to 63.8 balanced accuracy)")
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--img-size", type=int, default=56)
     parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
