@@ -33,7 +33,7 @@ from accuracy import CLASSES, FASHION, read_idx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vpt_cli import api  # noqa: E402
-from vpt_cli.config import BALANCES, BackboneConfig, PromptConfig, TrainConfig, load_config  # noqa: E402
+from vpt_cli.config import BALANCES, DEFAULT_TAU, BackboneConfig, PromptConfig, TrainConfig, load_config  # noqa: E402
 from vpt_cli.data import ImageDataset, build_transform, discover_splits, make_loader, read_eval_split  # noqa: E402
 from vpt_cli.evaluation.metrics import classification_report, shot_group_accuracy  # noqa: E402
 from vpt_cli.models.backbones import create_backbone  # noqa: E402
@@ -111,7 +111,7 @@ def tau_rows(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor,
     fit_counts = [int((fit_y == c).sum()) for c in range(len(classes))]
     on_val = {tau: balanced(probe(fit_x, fit_y, tau, fit_counts), train[0][held], train[1][held])["balanced"]
               for tau in taus}
-    picked = max(taus, key=lambda tau: (on_val[tau], -abs(tau - 1.0)))  # ties: the nearest to the default 1
+    picked = max(taus, key=lambda tau: (on_val[tau], -abs(tau - DEFAULT_TAU)))  # ties: the nearest to the default
     rows["logit-adjust tau on balanced val"] = {**balanced(probe(*train, picked, counts), *test), "tau": picked}
     return rows
 
@@ -232,8 +232,9 @@ def reading(results: dict[tuple[float, str, str], list[dict[str, float]]]) -> st
                  for i, m, mode in results if (i, m) == (imbalance, method)}
         best = max(means, key=means.get)
         picked = [r["tau"] for r in results.get((imbalance, method, "logit-adjust tau on balanced val"), [])]
+        against = f", none: {100 * means['none']:.1f}%" if "none" in means else ""  # --deep-modes may leave it out
         lines.append(f"- imbalance {imbalance:g}, {method}: best balanced accuracy with {best} "
-                     f"({100 * means[best]:.1f}%, none: {100 * means['none']:.1f}%)"
+                     f"({100 * means[best]:.1f}%{against})"
                      + (f"; the balanced val view picked tau {', '.join(f'{t:g}' for t in picked)}." if picked else "."))
     return "\n".join(lines)
 

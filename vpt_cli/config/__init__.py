@@ -8,8 +8,11 @@ from vpt_cli.config.run import (
     BALANCES,
     DATA_FORMATS,
     DEFAULT_BACKBONE,
+    DEFAULT_TAU,
     DEVICES,
     HEAD_INITS,
+    HEAD_REFITS,
+    LONG_TAIL_RATIO,
     LOSSES,
     MAX_LABEL_SEP,
     METHODS,
@@ -32,7 +35,7 @@ from vpt_cli.config.run import (
 )
 
 __all__ = ["ADAMW_HEAD_LR", "ADAMW_PROMPT_LR", "AUGMENTS", "AUTO_PROMPT_FRACTION", "AVG_POOLED_TAGS", "BALANCES",
-           "DATA_FORMATS", "DEFAULT_BACKBONE", "DEVICES", "HEAD_INITS", "LOSSES", "MAX_LABEL_SEP", "METHODS", "MIN_VAL_PER_CLASS_TO_SELECT",
+           "DATA_FORMATS", "DEFAULT_BACKBONE", "DEFAULT_TAU", "DEVICES", "HEAD_INITS", "HEAD_REFITS", "LONG_TAIL_RATIO", "LOSSES", "MAX_LABEL_SEP", "METHODS", "MIN_VAL_PER_CLASS_TO_SELECT",
            "OPTIMIZERS", "POOLS", "PROMPT_INITS", "SELECTS", "SGD_BASE_LR", "TOKEN_INIT_IMAGES", "BackboneConfig",
            "DataConfig", "PromptConfig", "RunConfig", "SweepConfig", "TrainConfig", "apply_overrides",
            "auto_num_prompts", "load_config"]

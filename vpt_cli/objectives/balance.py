@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vpt_cli.config import BALANCES
+from vpt_cli.config import BALANCES, DEFAULT_TAU, LONG_TAIL_RATIO
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ClassBalance:
 
     mode: str = "none"
     counts: tuple[int, ...] = ()
-    tau: float = 1.0
+    tau: float = DEFAULT_TAU
 
     def __post_init__(self) -> None:
         if self.mode not in BALANCES:
@@ -36,6 +36,13 @@ class ClassBalance:
     def resamples(self) -> bool:
         """Whether the training loader should draw classes equally often."""
         return self.mode == "resample"
+
+    @property
+    def long_tailed(self) -> bool:
+        """Whether it balances classes whose training counts differ by LONG_TAIL_RATIO or more
+        (the smallest present class against the largest): where `--refit-head auto` refits."""
+        present = [n for n in self.counts if n > 0]
+        return self.mode != "none" and bool(present) and max(present) >= LONG_TAIL_RATIO * min(present)
 
     def weights(self) -> Tensor:
         """Inverse-frequency class weights N / (C * n_c): every class carries the same total weight, and the

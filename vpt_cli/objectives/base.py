@@ -36,6 +36,13 @@ class Objective:
         """The objective a task file's fields describe, for inference (training-only settings left out)."""
         return cls()
 
+    @property
+    def refits_head_by_default(self) -> bool:
+        """Whether `--refit-head auto` fits the head once more on the final features: where the
+        trained head is biased towards the training class frequencies (a long-tailed single-label
+        run); no for a task type without such a bias to undo."""
+        return False
+
     def task_thresholds(self) -> list[float] | None:
         """What the task file stores as `thresholds` (None: this task type has none)."""
         return None

@@ -26,6 +26,10 @@ class SingleLabel(Objective):
     name: ClassVar[str] = SINGLE_LABEL
     balance: ClassBalance = field(default_factory=ClassBalance)
 
+    @property
+    def refits_head_by_default(self) -> bool:
+        return self.balance.long_tailed
+
     def loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         return self.balance.loss(logits, targets, reduction=reduction)
 

@@ -37,6 +37,7 @@ class FitResult:
     train_images_per_sec: float
     probe_val_acc: float | None = None
     selection: str = "best"  # which epoch was kept: "best" on val or "last"
+    head_refit: bool = False  # the kept epoch's head was fitted once more as a probe (--refit-head)
     objective: Objective = field(default_factory=SingleLabel)  # as the task answers: thresholds tuned on val
 
 
@@ -307,10 +308,28 @@ class TrainingRun:
             checkpoint.save(model=self.model, best_state=self.best_state, optimizer=self.optimizer,
                             scheduler=self.scheduler, state=self.state, settings=self.settings, rng=rng)
 
-    def finish(self, stopped_early: bool) -> FitResult:
-        """Load the best weights into the model, tune what the objective tunes on val (multi-label
-        thresholds) and score them there once more."""
+    @property
+    def refits_head(self) -> bool:
+        """Whether `finish` fits the head once more on the kept epoch's features (--refit-head)."""
+        choice = self.config.refit_head
+        return choice == "always" or (choice == "auto" and self.objective.refits_head_by_default)
+
+    def finish(self, stopped_early: bool, probe_loader: Any | None = None) -> FitResult:
+        """Load the best weights into the model, refit its head on `probe_loader` when the run
+        asks for it, tune what the objective tunes on val (multi-label thresholds) and score the
+        result there once more.
+
+        The refit is classifier re-training (Kang et al. 2020, "Decoupling representation and
+        classifier"): prompts trained with the head under long tail make better features than
+        they make a head, because the head keeps more of the training frequencies than the
+        balanced loss undoes (README, "Long tail"); the probe refitted under the same balance on
+        the final features does not. It depends only on the kept weights and the data, so a
+        resumed run refits the same head."""
         self.model.load_task_state_dict(self.best_state)
+        refit = probe_loader is not None and self.refits_head
+        if refit:
+            self.reporter.log("refitting the head on the final features (--refit-head)")
+            probe_init_head(self.model, probe_loader, self.val_loader, self.context, self.objective)
         objective, best_report = self.objective, None
         if self.val_loader:
             objective, best_report = evaluate_tuned(self.model, self.val_loader, self.classes, self.context,
@@ -323,7 +342,7 @@ class TrainingRun:
         speeds = [h.images_per_sec for h in self.history]
         return FitResult(self.history, self.state["best_epoch"], best_report, stopped_early,
                          sum(speeds) / len(speeds) if speeds else 0.0, self.state["probe_val_acc"],
-                         "last" if self.select_last else "best", objective)
+                         selection="last" if self.select_last else "best", objective=objective, head_refit=refit)
 
 
 def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loader: Any, classes: list[str],
@@ -364,4 +383,4 @@ def fit(model: PromptedViT, train_loader: Any, val_loader: Any | None, probe_loa
     stopped_early = run.epoch < config.epochs
     if stopped_early:
         reporter.log(f"early stop: no val improvement for {config.patience} epochs")
-    return run.finish(stopped_early)
+    return run.finish(stopped_early, probe_loader)

@@ -178,10 +178,13 @@ def save_trained(run: PreparedRun, model: PromptedViT, config: RunConfig, result
     skipped = run.skipped + [item for item in failures_while_loading(run) if item not in run.skipped]
     saved = task_file(run, config, model.task_state_dict(), report,
                       {"skipped": len(skipped), "best_epoch": result.best_epoch, "selection": result.selection,
-                       "epochs_run": len(history), "run_dir": str(run.run_dir), **(extra_provenance or {})},
+                       "head_refit": result.head_refit, "epochs_run": len(history), "run_dir": str(run.run_dir),
+                       **(extra_provenance or {})},
                       test_report=test_report, objective=result.objective)
     if distributed.is_main():
         save_task(saved, run.task_path, force=True)  # claim_task already refused an unwanted overwrite
+        if result.head_refit:  # best.safetensors is the kept epoch: now with the head the task has
+            save_task(saved, run.run_dir / "best.safetensors", force=True)
         write_skipped(run.run_dir, skipped)
         write_results(run.run_dir, history, result.probe_val_acc, result.best_epoch, result.objective.score_columns)
     trainable = sum(p.numel() for group in model.parameter_groups().values() for p in group)

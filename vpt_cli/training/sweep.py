@@ -257,7 +257,7 @@ def _run_claimed(config: RunConfig, plan: SweepPlan, claimed: ClaimedTask, split
     write_trials_csv(plan.trials, csv_path)
     reporter.trials_changed(plan.trials)
     winner = runs[best.index]
-    result = winner.finish(stopped_early=winner.epoch < config.train.epochs)
+    result = winner.finish(stopped_early=winner.epoch < config.train.epochs, probe_loader=prepared.probe_loader)
     saved = save_trained(prepared, winner.model, prepared.resolve(trial_config(config, best)), result, started,
                              extra_provenance={"sweep": {"trials": len(plan.trials), "rungs": plan.rungs,
                                                          "eta": plan.eta, "budget": plan.budget_text,
