@@ -314,7 +314,7 @@ class TrainingRun:
         choice = self.config.refit_head
         return choice == "always" or (choice == "auto" and self.objective.refits_head_by_default)
 
-    def finish(self, stopped_early: bool, probe_loader: Any | None = None) -> FitResult:
+    def finish(self, stopped_early: bool, probe_loader: Any) -> FitResult:
         """Load the best weights into the model, refit its head on `probe_loader` when the run
         asks for it, tune what the objective tunes on val (multi-label thresholds) and score the
         result there once more.
@@ -326,7 +326,7 @@ class TrainingRun:
         the final features does not. It depends only on the kept weights and the data, so a
         resumed run refits the same head."""
         self.model.load_task_state_dict(self.best_state)
-        refit = probe_loader is not None and self.refits_head
+        refit = self.refits_head
         if refit:
             self.reporter.log("refitting the head on the final features (--refit-head)")
             probe_init_head(self.model, probe_loader, self.val_loader, self.context, self.objective)
